@@ -1,0 +1,59 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685) on the fused qkv projection of every encoder block.
+
+    y = W x + b + (alpha / r) · B A x,   A ∈ R^{r×d} (kaiming-uniform), B ∈ R^{3d×r} (zero)
+
+B = 0 makes the model exactly SAM at step 0. Encoder-side parameters: r·d + 3d·r = 12·d per block at r=3.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from samfit.methods.base import Method, encoder_blocks, register_method
+
+
+class LoRALinear(nn.Module):
+    """Wrap a frozen nn.Linear with a trainable low-rank update (loralib's LoRALinear, as a wrapper)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scaling = alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.scaling * ((x @ self.lora_A.T) @ self.lora_B.T)
+
+    @torch.no_grad()
+    def merged(self) -> nn.Linear:
+        """The equivalent plain Linear: W + (alpha/r)·B A."""
+        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
+        out.weight.copy_(self.base.weight + self.scaling * self.lora_B @ self.lora_A)
+        if self.base.bias is not None:
+            out.bias.copy_(self.base.bias)
+        return out
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 3
+    alpha: float = 32.0
+
+
+@register_method
+class LoRA(Method):
+    name = "lora"
+    summary = "low-rank update on the fused qkv of every block"
+    Config = LoRAConfig
+    identical_at_init = True
+    mergeable = True
+
+    def inject(self, model) -> None:
+        for block in encoder_blocks(model):
+            block.attn.qkv = LoRALinear(block.attn.qkv, self.config.rank, self.config.alpha)

@@ -1,0 +1,87 @@
+"""Salient/camouflaged-object metrics: S-measure, E-measure, weighted F-measure, MAE.
+
+All four come from PySODMetrics (`py_sod_metrics`), the field's reference implementation, fed the way the
+field's evaluation scripts feed it: the prediction as a per-image min-max normalised uint8 map at the GT's
+resolution, the GT as a 0/255 map that PySODMetrics binarises at > 128. Every score is a mean over images.
+
+- S_alpha (Fan et al., ICCV 2017), alpha = 0.5.
+- E_phi (Fan et al., IJCAI 2018): PySODMetrics gives a 256-point curve per image (thresholds 0..255); the
+  dataset curve is its mean over images; `e_measure_mean` = mean of that curve over the 256 thresholds,
+  `e_measure_max` = its maximum, `e_measure_adaptive` = mean over images of E at threshold 2·mean(pred).
+- F^w_beta (Margolin et al., CVPR 2014), beta = 1 as in PySODMetrics and the authors' MATLAB code; an image
+  with an empty GT scores 0 (PySODMetrics' convention).
+- MAE (Perazzi et al., CVPR 2012) of the normalised map against the binary GT.
+"""
+from __future__ import annotations
+
+import numpy as np
+import py_sod_metrics as pysod
+
+SOD_KEYS = ("s_measure", "e_measure_mean", "e_measure_adaptive", "e_measure_max", "weighted_f", "mae")
+
+
+def to_uint8_map(pred: np.ndarray) -> np.ndarray:
+    """Per-image min-max normalisation to [0, 255], rounded to uint8.
+
+    A constant map is left as it is (round(255·p)), like MATLAB's `mapminmax` in PySODMetrics; the
+    `(p - min) / (max - min + 1e-8)` variant of some scripts would turn it into all zeros instead.
+    """
+    lo, hi = float(pred.min()), float(pred.max())
+    if hi > lo:
+        pred = (pred - lo) / (hi - lo)
+    return np.rint(pred * 255.0).astype(np.uint8)
+
+
+class SODAccumulator:
+    """Streams (pred, gt) pairs through PySODMetrics and keeps only its per-image scores."""
+
+    def __init__(self, weighted_f_beta: float = 1.0):
+        self.weighted_f_beta = weighted_f_beta
+        self._s = pysod.Smeasure()
+        self._e = pysod.Emeasure()
+        self._wf = pysod.WeightedFmeasure(beta=weighted_f_beta)
+        self._mae = pysod.MAE()
+
+    def update(self, pred: np.ndarray, gt_positive: np.ndarray) -> None:
+        """`pred`: float map in [0, 1]; `gt_positive`: bool map of the same shape."""
+        pred_u8 = to_uint8_map(pred)
+        gt_u8 = gt_positive.astype(np.uint8) * 255
+        for metric in (self._s, self._e, self._wf, self._mae):
+            metric.step(pred=pred_u8, gt=gt_u8)
+
+    def state(self) -> dict:
+        """The per-image scores, as plain lists (picklable, concatenable across processes)."""
+        return {
+            "weighted_f_beta": self.weighted_f_beta,
+            "s": [float(v) for v in self._s.sms],
+            "e_adaptive": [float(v) for v in self._e.adaptive_ems],
+            "e_curve": [np.asarray(c, dtype=np.float64) for c in self._e.changeable_ems],
+            "weighted_f": [float(v) for v in self._wf.weighted_fms],
+            "mae": [float(v) for v in self._mae.maes],
+        }
+
+    @classmethod
+    def from_states(cls, states: list[dict]) -> "SODAccumulator":
+        acc = cls(weighted_f_beta=states[0]["weighted_f_beta"] if states else 1.0)
+        for st in states:
+            acc._s.sms.extend(st["s"])
+            acc._e.adaptive_ems.extend(st["e_adaptive"])
+            acc._e.changeable_ems.extend(st["e_curve"])
+            acc._wf.weighted_fms.extend(st["weighted_f"])
+            acc._mae.maes.extend(st["mae"])
+        return acc
+
+    def __len__(self) -> int:
+        return len(self._mae.maes)
+
+    def compute(self) -> dict[str, float]:
+        em = self._e.get_results()["em"]
+        curve = np.asarray(em["curve"], dtype=np.float64)
+        return {
+            "s_measure": float(self._s.get_results()["sm"]),
+            "e_measure_mean": float(curve.mean()),
+            "e_measure_adaptive": float(em["adp"]),
+            "e_measure_max": float(curve.max()),
+            "weighted_f": float(self._wf.get_results()["wfm"]),
+            "mae": float(self._mae.get_results()["mae"]),
+        }

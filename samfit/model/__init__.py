@@ -1,0 +1,63 @@
+"""SAM construction and the prompt-free segmenters."""
+from __future__ import annotations
+
+import torch
+
+from samfit.model.sam import (VARIANTS, build_sam_parts, get_variant, load_sam_state,
+                              resize_encoder_state, resolve_checkpoint)
+from samfit.model.segmenter import Segmenter
+
+
+def default_num_queries(num_classes: int) -> int:
+    """Q = 2C mask tokens: semantic targets hold at most C masks per image (one per class present), and
+    spare queries ease Hungarian matching early in training (Mask2Former uses Q >> C for the same reason)."""
+    return 2 * num_classes
+
+
+def _decoder_state(state: dict, num_queries: int, binary: bool) -> dict:
+    """Map SAM's decoder weights onto the cut decoder: token 0 (cycled for Q tokens) and MLP 0."""
+    out = {}
+    for key, value in state.items():
+        if not key.startswith("mask_decoder.") or "iou_prediction_head" in key:
+            continue
+        name = key[len("mask_decoder."):]
+        if name == "mask_tokens.weight":
+            value = value[0:1] if binary else value[torch.arange(num_queries) % value.shape[0]]
+        elif name.startswith("output_hypernetworks_mlps."):
+            if not name.startswith("output_hypernetworks_mlps.0."):
+                continue
+        out[name] = value
+    return out
+
+
+def build_model(variant: str, num_classes: int = 1, image_size: int | None = None, checkpoint=None,
+                num_queries: int | None = None) -> Segmenter:
+    """Build a prompt-free SAM Segmenter.
+
+    With no checkpoint the weights are random (for counting parameters and tests). `checkpoint` is a path
+    to an official SAM state dict; position tables are interpolated to `image_size`.
+    """
+    v = get_variant(variant)
+    image_size = image_size or v.default_size
+    binary = num_classes == 1
+    queries = 1 if binary else (num_queries or default_num_queries(num_classes))
+    encoder, prompt, decoder = build_sam_parts(variant, image_size, queries)
+    model = Segmenter(encoder, prompt, decoder, variant, image_size, num_classes)
+    if checkpoint is not None:
+        state = load_sam_state(resolve_checkpoint(variant, checkpoint), variant)
+        state = resize_encoder_state(state, image_size, v.global_blocks)
+        prefix = {"image_encoder.": encoder, "prompt_encoder.": prompt}
+        for p, module in prefix.items():
+            module.load_state_dict({k[len(p):]: t for k, t in state.items() if k.startswith(p)})
+        dec = _decoder_state(state, queries, binary)
+        if not binary:
+            noise = torch.Generator().manual_seed(0)
+            w = dec["mask_tokens.weight"]
+            dec["mask_tokens.weight"] = w + 0.02 * torch.randn(w.shape, generator=noise)
+        missing, unexpected = decoder.load_state_dict(dec, strict=False)
+        assert not unexpected and all(k.startswith("class_head.") for k in missing), (missing, unexpected)
+    model.freeze_for_finetuning()
+    return model
+
+
+__all__ = ["VARIANTS", "Segmenter", "build_model", "default_num_queries"]
