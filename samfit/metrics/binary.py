@@ -1,0 +1,181 @@
+"""Binary segmentation metrics: IoU, Dice, BER, and the SOD set (S, E, weighted F, MAE).
+
+Inputs, per image: `pred` a float map in [0, 1] (probabilities; bool is read as 0/1) and `gt` a bool or
+0..255 integer mask. A pred whose size differs from its GT's is resized to it bilinearly (cv2) first, so
+scores are at the GT's resolution. Every score is a fraction in [0, 1] except `ber`, in percent.
+
+- IoU = TP / (TP + FP + FN), Dice = 2·TP / (2·TP + FP + FN), prediction > 0.5, GT > 128.
+  `*_per_image` is the mean over images (an image with empty GT and empty prediction scores 1);
+  `*_dataset` pools TP/FP/FN over all images (1 when every image is empty in both).
+- BER (shadow detection, e.g. Vicente et al., ECCV 2016), pooled over the whole set, prediction > 0.5
+  (= 127.5/255), GT > 0: BER = 100·(1 − ½·(TP/P + TN/N)). When the set has no positive pixel (P = 0) the
+  undefined TP/P term is dropped, BER = 100·(1 − TN/N); likewise BER = 100·(1 − TP/P) when N = 0.
+- SOD metrics: see `samfit.metrics.sod`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import cv2
+import numpy as np
+import torch
+from torchmetrics.functional.classification import binary_stat_scores
+
+from samfit.errors import SamfitError
+from samfit.metrics.sod import SODAccumulator
+
+
+def _squeeze_2d(x: np.ndarray, what: str) -> np.ndarray:
+    while x.ndim > 2 and x.shape[0] == 1:
+        x = x[0]
+    if x.ndim != 2 or x.size == 0:
+        raise SamfitError(f"{what} must be a non-empty (H, W) map, got shape {x.shape}.")
+    return x
+
+
+def as_probability_map(pred) -> np.ndarray:
+    """Check a prediction is a finite float map in [0, 1] (bool allowed) and return it as float32."""
+    pred = _squeeze_2d(np.asarray(pred), "A binary prediction")
+    if pred.dtype == bool:
+        return pred.astype(np.float32)
+    if not np.issubdtype(pred.dtype, np.floating):
+        raise SamfitError(
+            f"A binary prediction must be float probabilities in [0, 1] (or bool), got dtype {pred.dtype}."
+        )
+    pred = pred.astype(np.float32)
+    if not np.isfinite(pred).all() or pred.min() < 0 or pred.max() > 1:
+        raise SamfitError(
+            f"A binary prediction must hold probabilities in [0, 1], got values in "
+            f"[{np.nanmin(pred):.4g}, {np.nanmax(pred):.4g}] (apply a sigmoid to logits first)."
+        )
+    return pred
+
+
+def as_gt_mask(gt) -> np.ndarray:
+    """Check a GT mask (bool, or integers in 0..255) and return it as uint8 0..255."""
+    gt = _squeeze_2d(np.asarray(gt), "A binary ground truth")
+    if gt.dtype == bool:
+        return gt.astype(np.uint8) * 255
+    if not np.issubdtype(gt.dtype, np.integer):
+        raise SamfitError(f"A binary ground truth must be bool or 0/255 integers, got dtype {gt.dtype}.")
+    lo, hi = int(gt.min()), int(gt.max())
+    if lo < 0 or hi > 255:
+        raise SamfitError(f"A binary ground truth must hold values in 0..255, got [{lo}, {hi}].")
+    if hi == 1:
+        raise SamfitError("A binary ground truth looks like a 0/1 mask; pass it as bool or as 0/255.")
+    return gt.astype(np.uint8)
+
+
+def resize_to(pred: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a float map to (H, W) = `shape` (cv2), clipped back to [0, 1]."""
+    if pred.shape == tuple(shape):
+        return pred
+    out = cv2.resize(pred, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
+    return np.clip(out, 0.0, 1.0)
+
+
+def _stat_scores(pred: np.ndarray, positive: np.ndarray) -> np.ndarray:
+    """[TP, FP, TN, FN] of `pred > 0.5` against the bool map `positive` (torchmetrics)."""
+    stats = binary_stat_scores(
+        torch.from_numpy(pred), torch.from_numpy(positive.astype(np.int64)), threshold=0.5, validate_args=False
+    )
+    return stats[:4].numpy().astype(np.int64)
+
+
+def _ratio(num: float, den: float) -> float:
+    return 1.0 if den == 0 else float(num) / float(den)
+
+
+def balanced_error_rate(tp: int, fp: int, tn: int, fn: int) -> float:
+    """BER in percent from pooled counts; a class with no pixels drops out (see the module docstring)."""
+    pos, neg = tp + fn, tn + fp
+    rates = [tp / pos] if pos else []
+    rates += [tn / neg] if neg else []
+    if not rates:
+        raise SamfitError("BER needs at least one pixel.")
+    return 100.0 * (1.0 - sum(rates) / len(rates))
+
+
+class BinaryEvaluator:
+    """Accumulates binary metrics image by image; `compute()` returns the dict `evaluate_binary` does.
+
+    `sod=False` skips the (slower) S/E/F^w/MAE metrics. For distributed evaluation, gather each process's
+    `state()` and rebuild with `BinaryEvaluator.from_states(states)`.
+    """
+
+    def __init__(self, sod: bool = True, weighted_f_beta: float = 1.0):
+        self.sod = SODAccumulator(weighted_f_beta) if sod else None
+        self.iou: list[float] = []
+        self.dice: list[float] = []
+        self.counts = np.zeros(4, dtype=np.int64)  # TP, FP, TN, FN with GT > 128
+        self.ber_counts = np.zeros(4, dtype=np.int64)  # TP, FP, TN, FN with GT > 0
+
+    def update(self, pred, gt) -> None:
+        gt = as_gt_mask(gt)
+        pred = resize_to(as_probability_map(pred), gt.shape)
+        positive = gt > 128
+        tp, fp, tn, fn = _stat_scores(pred, positive)
+        self.iou.append(_ratio(tp, tp + fp + fn))
+        self.dice.append(_ratio(2 * tp, 2 * tp + fp + fn))
+        self.counts += (tp, fp, tn, fn)
+        self.ber_counts += _stat_scores(pred, gt > 0)
+        if self.sod is not None:
+            self.sod.update(pred, positive)
+
+    def __len__(self) -> int:
+        return len(self.iou)
+
+    def state(self) -> dict:
+        """Everything `compute` needs, as a picklable dict."""
+        return {
+            "sod": None if self.sod is None else self.sod.state(),
+            "iou": list(self.iou),
+            "dice": list(self.dice),
+            "counts": self.counts.copy(),
+            "ber_counts": self.ber_counts.copy(),
+        }
+
+    @classmethod
+    def from_states(cls, states: Sequence[dict]) -> "BinaryEvaluator":
+        """Merge the states of several evaluators (e.g. one per process) into one."""
+        if not states:
+            raise SamfitError("BinaryEvaluator.from_states needs at least one state.")
+        with_sod = [s["sod"] is not None for s in states]
+        if len(set(with_sod)) != 1:
+            raise SamfitError("Cannot merge BinaryEvaluator states with and without SOD metrics.")
+        merged = cls(sod=False)
+        if with_sod[0]:
+            merged.sod = SODAccumulator.from_states([s["sod"] for s in states])
+        for s in states:
+            merged.iou += s["iou"]
+            merged.dice += s["dice"]
+            merged.counts += s["counts"]
+            merged.ber_counts += s["ber_counts"]
+        return merged
+
+    def compute(self) -> dict[str, float]:
+        if not self.iou:
+            raise SamfitError("No images were evaluated: the binary evaluator is empty.")
+        tp, fp, _, fn = (int(v) for v in self.counts)
+        out = {} if self.sod is None else self.sod.compute()
+        out.update(
+            ber=balanced_error_rate(*(int(v) for v in self.ber_counts)),
+            iou_per_image=float(np.mean(self.iou)),
+            iou_dataset=_ratio(tp, tp + fp + fn),
+            dice_per_image=float(np.mean(self.dice)),
+            dice_dataset=_ratio(2 * tp, 2 * tp + fp + fn),
+        )
+        return out
+
+
+def evaluate_binary(preds: Sequence, gts: Sequence, **options) -> dict[str, float]:
+    """Score probability maps against binary GT masks (images may differ in size); see the module docstring.
+
+    `options` go to `BinaryEvaluator` (`sod`, `weighted_f_beta`).
+    """
+    if len(preds) != len(gts):
+        raise SamfitError(f"evaluate_binary got {len(preds)} predictions but {len(gts)} ground truths.")
+    evaluator = BinaryEvaluator(**options)
+    for pred, gt in zip(preds, gts):
+        evaluator.update(pred, gt)
+    return evaluator.compute()

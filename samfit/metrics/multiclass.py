@@ -1,0 +1,111 @@
+"""Multi-class semantic segmentation: dataset-level mIoU from a confusion matrix (Trans10K protocol).
+
+IoU_c = CM[c, c] / (sum_j CM[c, j] + sum_i CM[i, c] − CM[c, c]), the counts summed over the whole set
+(rows: GT, columns: prediction; pixels whose GT is `ignore_index` are left out). Background (class 0)
+counts like any other class. A class absent from both the GT and the predictions of the whole set has no
+IoU: it is left out of the mean, and `iou_per_class` holds None at its index (a list of `num_classes`
+entries, JSON-friendly, never NaN). Note: Trans2Seg's/Conv-LoRA's script divides by (union + eps) and so
+counts such a class as 0 in the mean; with every class present (the usual test set) the two agree.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torchmetrics.functional.classification import multiclass_confusion_matrix
+
+from samfit.errors import SamfitError
+
+
+def _as_class_map(pred, gt_shape: tuple[int, int], num_classes: int) -> np.ndarray:
+    """An (H, W) int class map, or a (C, H, W) score map reduced by argmax over C."""
+    pred = np.asarray(pred)
+    if pred.ndim == 3:
+        if pred.shape[0] != num_classes:
+            raise SamfitError(f"A (C, H, W) score map must have C = {num_classes} channels, got {pred.shape[0]}.")
+        if not np.isfinite(pred).all():
+            raise SamfitError("A multi-class score map holds NaN or infinite values.")
+        pred = pred.argmax(axis=0)
+    elif pred.ndim != 2 or not (np.issubdtype(pred.dtype, np.integer) or pred.dtype == bool):
+        raise SamfitError(
+            f"A multi-class prediction must be an (H, W) integer class map or a (C, H, W) score map, "
+            f"got shape {pred.shape} and dtype {pred.dtype}."
+        )
+    if pred.shape != tuple(gt_shape):
+        raise SamfitError(f"Prediction shape {pred.shape} does not match ground-truth shape {tuple(gt_shape)}.")
+    if pred.size and (pred.min() < 0 or pred.max() >= num_classes):
+        raise SamfitError(f"Predicted classes must lie in 0..{num_classes - 1}, got [{pred.min()}, {pred.max()}].")
+    return pred.astype(np.int64)
+
+
+def _as_gt_map(gt, num_classes: int, ignore_index: int) -> np.ndarray:
+    gt = np.asarray(gt)
+    if gt.ndim != 2 or not np.issubdtype(gt.dtype, np.integer) or gt.size == 0:
+        raise SamfitError(f"A multi-class ground truth must be a non-empty (H, W) integer map, got "
+                          f"shape {gt.shape} and dtype {gt.dtype}.")
+    bad = (gt < 0) | ((gt >= num_classes) & (gt != ignore_index))
+    if bad.any():
+        raise SamfitError(f"Ground-truth classes must lie in 0..{num_classes - 1} or be {ignore_index} (ignored), "
+                          f"found {int(gt[bad][0])}.")
+    return gt.astype(np.int64)
+
+
+class MulticlassEvaluator:
+    """Accumulates a (num_classes × num_classes) confusion matrix; `compute()` gives mIoU and per-class IoU.
+
+    `state()` is the confusion matrix; `from_states` sums them (distributed evaluation).
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        if num_classes < 2:
+            raise SamfitError(f"Multi-class evaluation needs num_classes >= 2, got {num_classes}.")
+        if 0 <= ignore_index < num_classes:
+            raise SamfitError(f"ignore_index {ignore_index} is a valid class index (0..{num_classes - 1}).")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+
+    def update(self, pred, gt) -> None:
+        gt = _as_gt_map(gt, self.num_classes, self.ignore_index)
+        pred = _as_class_map(pred, gt.shape, self.num_classes)
+        cm = multiclass_confusion_matrix(
+            torch.from_numpy(pred), torch.from_numpy(gt), self.num_classes,
+            ignore_index=self.ignore_index, validate_args=False,
+        )
+        self.confusion += cm.numpy().astype(np.int64)
+
+    def state(self) -> dict:
+        return {"num_classes": self.num_classes, "ignore_index": self.ignore_index,
+                "confusion": self.confusion.copy()}
+
+    @classmethod
+    def from_states(cls, states: Sequence[dict]) -> "MulticlassEvaluator":
+        if not states:
+            raise SamfitError("MulticlassEvaluator.from_states needs at least one state.")
+        merged = cls(states[0]["num_classes"], states[0]["ignore_index"])
+        for s in states:
+            if s["num_classes"] != merged.num_classes:
+                raise SamfitError("Cannot merge MulticlassEvaluator states with different num_classes.")
+            merged.confusion += s["confusion"]
+        return merged
+
+    def compute(self) -> dict:
+        cm = self.confusion
+        if cm.sum() == 0:
+            raise SamfitError("No labelled pixels were evaluated: the multi-class evaluator is empty.")
+        inter = np.diag(cm)
+        union = cm.sum(axis=0) + cm.sum(axis=1) - inter
+        iou = [float(i / u) if u else None for i, u in zip(inter, union)]
+        present = [v for v in iou if v is not None]
+        return {"miou": float(np.mean(present)), "iou_per_class": iou}
+
+
+def evaluate_multiclass(preds: Sequence, gts: Sequence, num_classes: int, ignore_index: int = 255) -> dict:
+    """Dataset-level mIoU (and per-class IoU) of class maps or score maps; see the module docstring."""
+    if len(preds) != len(gts):
+        raise SamfitError(f"evaluate_multiclass got {len(preds)} predictions but {len(gts)} ground truths.")
+    evaluator = MulticlassEvaluator(num_classes, ignore_index)
+    for pred, gt in zip(preds, gts):
+        evaluator.update(pred, gt)
+    return evaluator.compute()
