@@ -43,10 +43,12 @@ def as_probability_map(pred) -> np.ndarray:
             f"A binary prediction must be float probabilities in [0, 1] (or bool), got dtype {pred.dtype}."
         )
     pred = pred.astype(np.float32)
-    if not np.isfinite(pred).all() or pred.min() < 0 or pred.max() > 1:
+    if not np.isfinite(pred).all():
+        raise SamfitError("A binary prediction holds NaN or infinite values.")
+    if pred.min() < 0 or pred.max() > 1:
         raise SamfitError(
             f"A binary prediction must hold probabilities in [0, 1], got values in "
-            f"[{np.nanmin(pred):.4g}, {np.nanmax(pred):.4g}] (apply a sigmoid to logits first)."
+            f"[{pred.min():.4g}, {pred.max():.4g}] (apply a sigmoid to logits first)."
         )
     return pred
 

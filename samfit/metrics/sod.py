@@ -8,6 +8,8 @@ resolution, the GT as a 0/255 map that PySODMetrics binarises at > 128. Every sc
 - E_phi (Fan et al., IJCAI 2018): PySODMetrics gives a 256-point curve per image (thresholds 0..255); the
   dataset curve is its mean over images; `e_measure_mean` = mean of that curve over the 256 thresholds,
   `e_measure_max` = its maximum, `e_measure_adaptive` = mean over images of E at threshold 2·mean(pred).
+  Like the authors' MATLAB code, PySODMetrics divides the enhanced-alignment sum by (n_pixels − 1), so E
+  can exceed 1 by up to 1/(n_pixels − 1): negligible on real images, absurd on a 1-pixel one.
 - F^w_beta (Margolin et al., CVPR 2014), beta = 1 as in PySODMetrics and the authors' MATLAB code; an image
   with an empty GT scores 0 (PySODMetrics' convention).
 - MAE (Perazzi et al., CVPR 2012) of the normalised map against the binary GT.

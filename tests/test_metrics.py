@@ -1,0 +1,247 @@
+"""Metrics against PySODMetrics called directly and against pixel counts done by hand."""
+import math
+import pickle
+
+import numpy as np
+import py_sod_metrics as pysod
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from samfit.errors import SamfitError
+from samfit.metrics import BinaryEvaluator, MulticlassEvaluator, evaluate_binary, evaluate_multiclass
+
+SOD_KEYS = ["s_measure", "e_measure_mean", "e_measure_adaptive", "e_measure_max", "weighted_f", "mae"]
+
+
+def blob_case(rng, h, w):
+    """A GT with a rectangle and a noisy prediction spanning exactly [0, 1]."""
+    gt = np.zeros((h, w), np.uint8)
+    gt[h // 4: 3 * h // 4, w // 3: 2 * w // 3] = 255
+    pred = np.clip(gt / 255 * 0.7 + rng.random((h, w)) * 0.4, 0, 1)
+    pred[0, 0], pred[-1, -1] = 0.0, 1.0
+    return pred, gt
+
+
+def reference_sod(preds, gts):
+    """PySODMetrics called directly, the way the field's scripts call it."""
+    s, e, wf, mae = pysod.Smeasure(), pysod.Emeasure(), pysod.WeightedFmeasure(), pysod.MAE()
+    for p, g in zip(preds, gts):
+        u8 = np.rint(p * 255).astype(np.uint8)  # p already spans [0, 1]: min-max is the identity
+        for m in (s, e, wf, mae):
+            m.step(pred=u8, gt=g)
+    curve = e.get_results()["em"]["curve"]
+    assert curve.shape == (256,)
+    return {
+        "s_measure": s.get_results()["sm"], "e_measure_mean": curve.mean(), "e_measure_max": curve.max(),
+        "e_measure_adaptive": e.get_results()["em"]["adp"], "weighted_f": wf.get_results()["wfm"],
+        "mae": mae.get_results()["mae"],
+    }
+
+
+def test_sod_metrics_equal_pysodmetrics_on_images_of_different_sizes():
+    rng = np.random.default_rng(0)
+    cases = [blob_case(rng, h, w) for h, w in [(40, 60), (33, 17), (64, 64)]]
+    preds, gts = zip(*cases)
+    got = evaluate_binary(preds, gts)
+    want = reference_sod(preds, gts)
+    for key in SOD_KEYS:
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+    assert 0.5 < got["s_measure"] < 1 and got["e_measure_max"] >= got["e_measure_mean"]
+
+
+def test_sod_metrics_use_per_image_min_max_normalisation():
+    rng = np.random.default_rng(1)
+    pred, gt = blob_case(rng, 30, 40)
+    full = evaluate_binary([pred], [gt])
+    squeezed = evaluate_binary([0.3 + 0.4 * pred], [gt])  # same map after min-max normalisation
+    for key in SOD_KEYS:
+        assert squeezed[key] == pytest.approx(full[key], abs=2e-3), key
+
+
+def test_iou_dice_ber_against_hand_counts():
+    gt1 = np.array([[255, 0, 0], [255, 255, 0]], np.uint8)
+    pred1 = np.array([[0.9, 0.6, 0.1], [0.4, 0.8, 0.2]])  # TP 2, FP 1, FN 1, TN 2
+    gt2 = np.zeros((2, 2), np.uint8)  # empty GT, empty prediction: TN 4
+    pred2 = np.zeros((2, 2), np.float32)
+    gt3 = np.array([[False, True, False]])  # one-pixel object; 0.5 is not > 0.5: TP 1, TN 2
+    pred3 = np.array([[0.5, 0.51, 0.0]])
+    out = evaluate_binary([pred1, pred2, pred3], [gt1, gt2, gt3], sod=False)
+    assert out["iou_per_image"] == pytest.approx((2 / 4 + 1 + 1) / 3)
+    assert out["dice_per_image"] == pytest.approx((4 / 6 + 1 + 1) / 3)
+    assert out["iou_dataset"] == pytest.approx(3 / 5)
+    assert out["dice_dataset"] == pytest.approx(6 / 8)
+    assert out["ber"] == pytest.approx(100 * (1 - 0.5 * (3 / 4 + 8 / 9)))
+    assert set(out) == {"ber", "iou_per_image", "iou_dataset", "dice_per_image", "dice_dataset"}
+
+
+def test_ber_counts_gt_above_zero_while_iou_uses_gt_above_128():
+    gt = np.array([[100, 0], [255, 0]], np.uint8)
+    pred = np.array([[0.0, 0.0], [1.0, 0.0]])
+    out = evaluate_binary([pred], [gt], sod=False)
+    assert out["iou_dataset"] == 1.0  # 100 is background for IoU
+    assert out["ber"] == pytest.approx(100 * (1 - 0.5 * (1 / 2 + 2 / 2)))  # 100 is shadow for BER
+
+
+def test_full_gt_with_constant_one_prediction_is_perfect():
+    out = evaluate_binary([np.ones((5, 7))], [np.full((5, 7), 255, np.uint8)])
+    assert out["ber"] == 0.0  # N = 0: BER = 100·(1 − TP/P)
+    assert out["iou_per_image"] == out["dice_dataset"] == 1.0
+    assert out["s_measure"] == pytest.approx(1.0) and out["mae"] == pytest.approx(0.0)
+
+
+def test_empty_gt_follows_pysodmetrics_and_ber_drops_the_positive_term():
+    gt = np.zeros((6, 6), np.uint8)
+    pred = np.zeros((6, 6))
+    pred[0, :3] = 0.9  # 3 false positives out of N = 36
+    out = evaluate_binary([pred], [gt])
+    assert out["ber"] == pytest.approx(100 * 3 / 36)
+    assert out["iou_per_image"] == 0.0 and out["dice_per_image"] == 0.0
+    want = reference_sod([pred / pred.max()], [gt])
+    assert out["weighted_f"] == want["weighted_f"] == 0.0
+    assert out["s_measure"] == pytest.approx(want["s_measure"])
+    assert out["mae"] == pytest.approx(want["mae"], abs=1e-12)
+
+
+def test_constant_prediction_against_partial_gt():
+    gt = np.zeros((4, 4), np.uint8)
+    gt[:2] = 255
+    out = evaluate_binary([np.full((4, 4), 0.3)], [gt])
+    assert out["iou_per_image"] == 0.0 and out["ber"] == pytest.approx(50.0)
+    assert out["mae"] == pytest.approx(np.mean(np.abs(np.rint(0.3 * 255) / 255 - gt / 255)))
+
+
+def test_prediction_is_resized_bilinearly_to_its_gt():
+    pred = np.array([[1.0, 0.0], [0.0, 0.0]], np.float32)  # bilinear 2→4: top-left 2×2 block is > 0.5
+    gt = np.zeros((4, 4), np.uint8)
+    gt[:2, :2] = 255
+    assert evaluate_binary([pred], [gt], sod=False)["iou_dataset"] == 1.0
+
+
+def test_streaming_states_merge_to_the_one_shot_result():
+    rng = np.random.default_rng(2)
+    cases = [blob_case(rng, h, w) for h, w in [(20, 30), (25, 25), (16, 40), (30, 12)]]
+    preds, gts = zip(*cases)
+    whole = evaluate_binary(preds, gts)
+    parts = []
+    for lo, hi in [(0, 1), (1, 4)]:
+        ev = BinaryEvaluator()
+        for p, g in zip(preds[lo:hi], gts[lo:hi]):
+            ev.update(p, g)
+        parts.append(pickle.loads(pickle.dumps(ev.state())))
+    merged = BinaryEvaluator.from_states(parts).compute()
+    assert merged == pytest.approx(whole, abs=1e-12)
+
+
+@pytest.mark.parametrize("pred, gt", [
+    (np.full((3, 3), -0.1), np.zeros((3, 3), np.uint8)),
+    (np.full((3, 3), 1.5), np.zeros((3, 3), np.uint8)),
+    (np.full((3, 3), np.nan), np.zeros((3, 3), np.uint8)),
+    (np.ones((3, 3), np.uint8), np.zeros((3, 3), np.uint8)),
+    (np.ones((3, 3)), np.ones((3, 3), np.uint8)),  # a 0/1 GT: ambiguous, refused
+    (np.ones((3, 3)), np.full((3, 3), 0.5)),
+    (np.ones((2, 3, 3)), np.zeros((3, 3), np.uint8)),
+])
+def test_bad_binary_input_raises_samfit_error(pred, gt):
+    with pytest.raises(SamfitError):
+        evaluate_binary([pred], [gt])
+
+
+def test_empty_inputs_raise():
+    with pytest.raises(SamfitError):
+        evaluate_binary([], [])
+    with pytest.raises(SamfitError):
+        evaluate_binary([np.ones((2, 2))], [])
+
+
+def test_miou_against_hand_computed_confusion_matrix():
+    gt = np.array([[0, 0, 1], [1, 2, 255]])
+    pred = np.array([[0, 1, 1], [1, 2, 0]])
+    gt2 = np.array([[0, 0], [0, 0]])
+    pred2 = np.stack([np.ones((2, 2)), np.zeros((2, 2)), np.zeros((2, 2)), np.zeros((2, 2))])  # argmax → 0
+    # Rows GT, columns prediction, the ignored pixel left out: class 3 is absent everywhere.
+    cm = np.array([[5, 1, 0, 0], [0, 2, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    out = evaluate_multiclass([pred, pred2], [gt, gt2], num_classes=4)
+    want = [5 / 6, 2 / 3, 1.0, None]
+    assert out["iou_per_class"][:3] == pytest.approx(want[:3]) and out["iou_per_class"][3] is None
+    assert out["miou"] == pytest.approx((5 / 6 + 2 / 3 + 1) / 3)
+    ev = MulticlassEvaluator(4)
+    ev.update(pred, gt)
+    ev.update(pred2, gt2)
+    assert (ev.confusion == cm).all()
+
+
+def test_class_only_predicted_counts_with_zero_iou():
+    out = evaluate_multiclass([np.array([[0, 2]])], [np.array([[0, 0]])], num_classes=3)
+    assert out["iou_per_class"] == [0.5, None, 0.0] and out["miou"] == pytest.approx(0.25)
+
+
+def test_multiclass_states_merge():
+    rng = np.random.default_rng(3)
+    preds = [rng.integers(0, 5, (7, 9)) for _ in range(4)]
+    gts = [rng.integers(0, 5, (7, 9)) for _ in range(4)]
+    states = []
+    for lo, hi in [(0, 2), (2, 4)]:
+        ev = MulticlassEvaluator(5)
+        for p, g in zip(preds[lo:hi], gts[lo:hi]):
+            ev.update(p, g)
+        states.append(pickle.loads(pickle.dumps(ev.state())))
+    assert MulticlassEvaluator.from_states(states).compute() == evaluate_multiclass(preds, gts, 5)
+
+
+@pytest.mark.parametrize("pred, gt", [
+    (np.zeros((2, 3), int), np.zeros((3, 2), int)),  # shape mismatch
+    (np.full((2, 2), -1), np.zeros((2, 2), int)),  # negative class
+    (np.full((2, 2), 3), np.zeros((2, 2), int)),  # class out of range
+    (np.zeros((2, 2), int), np.full((2, 2), 7)),  # GT class out of range, not ignore
+    (np.zeros((2, 2)), np.zeros((2, 2), int)),  # float (H, W) is not a class map
+    (np.zeros((2, 2, 2)), np.zeros((2, 2), int)),  # 2 score channels for 3 classes
+    (np.zeros((2, 2), int), np.full((2, 2), 255)),  # every pixel ignored
+])
+def test_bad_multiclass_input_raises_samfit_error(pred, gt):
+    with pytest.raises(SamfitError):
+        evaluate_multiclass([pred], [gt], num_classes=3)
+
+
+masks = st.integers(1, 12).flatmap(lambda h: st.integers(1, 12).flatmap(lambda w: st.tuples(
+    st.sampled_from(["empty", "full", "random"]),
+    st.sampled_from([np.bool_, np.uint8]),
+    hnp.arrays(np.float64, (h, w), elements=st.floats(0, 1)),
+    st.sampled_from(["same", "other", "constant"]),
+    st.sampled_from([np.float32, np.float64]),
+)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(masks, min_size=1, max_size=3))
+def test_evaluate_binary_never_crashes_or_returns_nan(cases):
+    preds, gts = [], []
+    for kind, dtype, field, pred_kind, pred_dtype in cases:
+        gt = {"empty": field < -1, "full": field >= 0, "random": field > 0.5}[kind]
+        gts.append(gt if dtype is np.bool_ else gt.astype(np.uint8) * 255)
+        pred = {"same": field, "other": np.resize(field, (field.shape[1] + 1, 3)),
+                "constant": np.full_like(field, field.flat[0])}[pred_kind]
+        preds.append(pred.astype(pred_dtype))
+    out = evaluate_binary(preds, gts)
+    assert all(math.isfinite(v) for v in out.values())
+    assert 0 <= out["ber"] <= 100
+    assert all(0 <= v <= 1 for k, v in out.items() if k != "ber" and not k.startswith("e_measure"))
+    assert all(v >= 0 for k, v in out.items() if k.startswith("e_measure"))  # E may exceed 1: n/(n − 1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 6), st.data())
+def test_evaluate_multiclass_never_crashes_or_returns_nan(num_classes, data):
+    preds, gts = [], []
+    for _ in range(data.draw(st.integers(1, 3))):
+        shape = data.draw(st.tuples(st.integers(1, 8), st.integers(1, 8)))
+        gt = data.draw(hnp.arrays(np.int64, shape, elements=st.sampled_from([*range(num_classes), 255])))
+        gt.flat[0] = 0  # at least one labelled pixel
+        scores = data.draw(st.booleans())
+        pred = (data.draw(hnp.arrays(np.float32, (num_classes, *shape), elements=st.floats(-5, 5, width=32)))
+                if scores else data.draw(hnp.arrays(np.uint8, shape, elements=st.integers(0, num_classes - 1))))
+        preds.append(pred)
+        gts.append(gt)
+    out = evaluate_multiclass(preds, gts, num_classes)
+    assert 0 <= out["miou"] <= 1 and len(out["iou_per_class"]) == num_classes
+    assert all(v is None or 0 <= v <= 1 for v in out["iou_per_class"])
