@@ -103,6 +103,16 @@ def test_empty_gt_follows_pysodmetrics_and_ber_drops_the_positive_term():
     assert out["mae"] == pytest.approx(want["mae"], abs=1e-12)
 
 
+def test_s_measure_is_finite_where_pysodmetrics_gives_nan():
+    gt = np.zeros((10, 10), np.uint8)
+    gt[2:8, 9] = 255  # centroid on the last column: the right quadrants are empty, with weight 0
+    pred = np.zeros((10, 10))
+    pred[3:8, 8:] = 1.0
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        assert math.isnan(reference_sod([pred], [gt])["s_measure"])
+    assert 0 < evaluate_binary([pred], [gt])["s_measure"] < 1
+
+
 def test_constant_prediction_against_partial_gt():
     gt = np.zeros((4, 4), np.uint8)
     gt[:2] = 255

@@ -4,7 +4,7 @@ All four come from PySODMetrics (`py_sod_metrics`), the field's reference implem
 field's evaluation scripts feed it: the prediction as a per-image min-max normalised uint8 map at the GT's
 resolution, the GT as a 0/255 map that PySODMetrics binarises at > 128. Every score is a mean over images.
 
-- S_alpha (Fan et al., ICCV 2017), alpha = 0.5.
+- S_alpha (Fan et al., ICCV 2017), alpha = 0.5; an empty quadrant counts 0 where PySODMetrics gives NaN.
 - E_phi (Fan et al., IJCAI 2018): PySODMetrics gives a 256-point curve per image (thresholds 0..255); the
   dataset curve is its mean over images; `e_measure_mean` = mean of that curve over the 256 thresholds,
   `e_measure_max` = its maximum, `e_measure_adaptive` = mean over images of E at threshold 2·mean(pred).
@@ -34,12 +34,20 @@ def to_uint8_map(pred: np.ndarray) -> np.ndarray:
     return np.rint(pred * 255.0).astype(np.uint8)
 
 
+class _Smeasure(pysod.Smeasure):
+    """PySODMetrics' S-measure, except that an empty quadrant (a GT centroid on the last row or column,
+    hence weight 0) adds 0 to the region score instead of making it NaN; otherwise identical."""
+
+    def ssim(self, pred: np.ndarray, gt: np.ndarray) -> float:
+        return 0.0 if pred.size == 0 else super().ssim(pred, gt)
+
+
 class SODAccumulator:
     """Streams (pred, gt) pairs through PySODMetrics and keeps only its per-image scores."""
 
     def __init__(self, weighted_f_beta: float = 1.0):
         self.weighted_f_beta = weighted_f_beta
-        self._s = pysod.Smeasure()
+        self._s = _Smeasure()
         self._e = pysod.Emeasure()
         self._wf = pysod.WeightedFmeasure(beta=weighted_f_beta)
         self._mae = pysod.MAE()
