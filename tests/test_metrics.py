@@ -128,6 +128,19 @@ def test_prediction_is_resized_bilinearly_to_its_gt():
     assert evaluate_binary([pred], [gt], sod=False)["iou_dataset"] == 1.0
 
 
+def test_tensors_are_accepted_like_arrays():
+    import torch
+
+    rng = np.random.default_rng(4)
+    pred, gt = blob_case(rng, 12, 14)
+    as_arrays = evaluate_binary([pred], [gt])
+    as_tensors = evaluate_binary([torch.from_numpy(pred).half()[None]], [torch.from_numpy(gt > 0)])
+    assert as_tensors == pytest.approx(as_arrays, abs=2e-3)
+    labels = rng.integers(0, 3, (5, 6))
+    scores = torch.nn.functional.one_hot(torch.from_numpy(labels), 3).permute(2, 0, 1).bfloat16()
+    assert evaluate_multiclass([scores], [torch.from_numpy(labels)], 3)["miou"] == 1.0
+
+
 def test_streaming_states_merge_to_the_one_shot_result():
     rng = np.random.default_rng(2)
     cases = [blob_case(rng, h, w) for h, w in [(20, 30), (25, 25), (16, 40), (30, 12)]]

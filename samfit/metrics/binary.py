@@ -1,7 +1,7 @@
 """Binary segmentation metrics: IoU, Dice, BER, and the SOD set (S, E, weighted F, MAE).
 
-Inputs, per image: `pred` a float map in [0, 1] (probabilities; bool is read as 0/1) and `gt` a bool or
-0..255 integer mask. A pred whose size differs from its GT's is resized to it bilinearly (cv2) first, so
+Inputs, per image (numpy arrays or tensors): `pred` a float map in [0, 1] (probabilities; bool is read as
+0/1) and `gt` a bool or 0..255 integer mask. A pred whose size differs from its GT's is resized to it bilinearly (cv2) first, so
 scores are at the GT's resolution. Every score is a fraction in [0, 1] except `ber`, in percent.
 
 - IoU = TP / (TP + FP + FN), Dice = 2·TP / (2·TP + FP + FN), prediction > 0.5, GT > 128.
@@ -25,6 +25,14 @@ from samfit.errors import SamfitError
 from samfit.metrics.sod import SODAccumulator
 
 
+def to_numpy(x) -> np.ndarray:
+    """A numpy array from an array-like or a tensor (any device; half precision read as float32)."""
+    if torch.is_tensor(x):
+        x = x.detach().cpu()
+        return (x.float() if x.is_floating_point() else x).numpy()
+    return np.asarray(x)
+
+
 def _squeeze_2d(x: np.ndarray, what: str) -> np.ndarray:
     while x.ndim > 2 and x.shape[0] == 1:
         x = x[0]
@@ -35,7 +43,7 @@ def _squeeze_2d(x: np.ndarray, what: str) -> np.ndarray:
 
 def as_probability_map(pred) -> np.ndarray:
     """Check a prediction is a finite float map in [0, 1] (bool allowed) and return it as float32."""
-    pred = _squeeze_2d(np.asarray(pred), "A binary prediction")
+    pred = _squeeze_2d(to_numpy(pred), "A binary prediction")
     if pred.dtype == bool:
         return pred.astype(np.float32)
     if not np.issubdtype(pred.dtype, np.floating):
@@ -55,7 +63,7 @@ def as_probability_map(pred) -> np.ndarray:
 
 def as_gt_mask(gt) -> np.ndarray:
     """Check a GT mask (bool, or integers in 0..255) and return it as uint8 0..255."""
-    gt = _squeeze_2d(np.asarray(gt), "A binary ground truth")
+    gt = _squeeze_2d(to_numpy(gt), "A binary ground truth")
     if gt.dtype == bool:
         return gt.astype(np.uint8) * 255
     if not np.issubdtype(gt.dtype, np.integer):

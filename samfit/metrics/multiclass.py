@@ -16,11 +16,12 @@ import torch
 from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from samfit.errors import SamfitError
+from samfit.metrics.binary import to_numpy
 
 
 def _as_class_map(pred, gt_shape: tuple[int, int], num_classes: int) -> np.ndarray:
     """An (H, W) int class map, or a (C, H, W) score map reduced by argmax over C."""
-    pred = np.asarray(pred)
+    pred = to_numpy(pred)
     if pred.ndim == 3:
         if pred.shape[0] != num_classes:
             raise SamfitError(f"A (C, H, W) score map must have C = {num_classes} channels, got {pred.shape[0]}.")
@@ -40,7 +41,7 @@ def _as_class_map(pred, gt_shape: tuple[int, int], num_classes: int) -> np.ndarr
 
 
 def _as_gt_map(gt, num_classes: int, ignore_index: int) -> np.ndarray:
-    gt = np.asarray(gt)
+    gt = to_numpy(gt)
     if gt.ndim != 2 or not np.issubdtype(gt.dtype, np.integer) or gt.size == 0:
         raise SamfitError(f"A multi-class ground truth must be a non-empty (H, W) integer map, got "
                           f"shape {gt.shape} and dtype {gt.dtype}.")
