@@ -1,8 +1,9 @@
 """Binary segmentation metrics: IoU, Dice, BER, and the SOD set (S, E, weighted F, MAE).
 
 Inputs, per image (numpy arrays or tensors): `pred` a float map in [0, 1] (probabilities; bool is read as
-0/1) and `gt` a bool or 0..255 integer mask. A pred whose size differs from its GT's is resized to it bilinearly (cv2) first, so
-scores are at the GT's resolution. Every score is a fraction in [0, 1] except `ber`, in percent.
+0/1) and `gt` a bool or 0..255 integer mask (a 0/1 integer mask is refused as ambiguous). A pred whose size
+differs from its GT's is first resized to it bilinearly (cv2), so scores are at the GT's resolution.
+Every score is a fraction in [0, 1] (E-measure: see `sod`) except `ber`, in percent.
 
 - IoU = TP / (TP + FP + FN), Dice = 2·TP / (2·TP + FP + FN), prediction > 0.5, GT > 128.
   `*_per_image` is the mean over images (an image with empty GT and empty prediction scores 1);

@@ -19,9 +19,6 @@ from __future__ import annotations
 import numpy as np
 import py_sod_metrics as pysod
 
-SOD_KEYS = ("s_measure", "e_measure_mean", "e_measure_adaptive", "e_measure_max", "weighted_f", "mae")
-
-
 def to_uint8_map(pred: np.ndarray) -> np.ndarray:
     """Per-image min-max normalisation to [0, 255], rounded to uint8.
 
