@@ -13,6 +13,7 @@ import os
 import socket
 import urllib.error
 import urllib.request
+from contextlib import nullcontext
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -201,17 +202,9 @@ def _stream(response, part: Path, offset: int, total: int | None, hashers: dict,
     return received
 
 
-class _NoBar:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _progress_bar(enabled: bool):
     if not enabled:
-        return _NoBar()
+        return nullcontext(None)
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
