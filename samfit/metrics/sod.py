@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 import py_sod_metrics as pysod
 
+
 def to_uint8_map(pred: np.ndarray) -> np.ndarray:
     """Per-image min-max normalisation to [0, 255], rounded to uint8.
 
