@@ -1,0 +1,3 @@
+from samfit.cli import main
+
+main()

@@ -1,0 +1,192 @@
+"""samfit's command line (Typer). Thin: parse options, call the library, print with rich."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from samfit.errors import SamfitError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmark parameter-efficient fine-tuning methods for the Segment Anything Model.")
+weights_app = typer.Typer(no_args_is_help=True, help="SAM checkpoints.")
+data_app = typer.Typer(no_args_is_help=True, help="Datasets: prepare official downloads, check, download.")
+app.add_typer(weights_app, name="weights")
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+
+
+@app.command()
+def run(
+    method: str = typer.Option("lora", help="PEFT method (see `samfit methods`)."),
+    dataset: str = typer.Option("shapes", help="Registry name, a folder in the canonical layout, or a CSV."),
+    model: str = typer.Option("tiny", help="vit_b | vit_l | vit_h | tiny"),
+    checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint (default: $SAMFIT_CHECKPOINTS)."),
+    image_size: Optional[int] = typer.Option(None, help="Input size, a multiple of 16 (default: dataset's)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the dataset's)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass."),
+    effective_batch: Optional[int] = typer.Option(None, help="Images per optimiser step (accumulation)."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the dataset's)."),
+    seed: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
+    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16"),
+    loss: Optional[str] = typer.Option(None, help="structure | balanced-bce | bce | dice (default: dataset's)."),
+    method_arg: Optional[List[str]] = typer.Option(None, "--method-arg", help="key=value, repeatable."),
+    out: Optional[str] = typer.Option(None, help="Parent folder of the run folder (default: results)."),
+    name: Optional[str] = typer.Option(None, help="Run folder name (default: dataset_method_model_size_sSEED)."),
+    limit_train: Optional[int] = typer.Option(None, help="Use only the first N training images."),
+    limit_eval: Optional[int] = typer.Option(None, help="Use only the first N images of each eval split."),
+    eval_resolution: Optional[str] = typer.Option(None, help="gt (default) | model (official code's)."),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
+    datasets_file: Optional[str] = typer.Option(None, help="Extra dataset registry (YAML)."),
+    data_root: Optional[str] = typer.Option(None, help="Data root (default: $SAMFIT_DATA)."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable/invalid images, counting them."),
+    detect_anomaly: bool = typer.Option(False, "--detect-anomaly", help="torch anomaly detection (slow)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file of run settings (flags win)."),
+):
+    """Fine-tune SAM with one method on one dataset, evaluate, and write a run folder."""
+    from samfit.config import make_config
+    from samfit.engine.train import run as run_training
+    from samfit.methods.base import parse_method_args
+
+    cfg = make_config(config, method=method, dataset=dataset, model=model, checkpoint=checkpoint,
+                      image_size=image_size, epochs=epochs, batch_size=batch_size,
+                      effective_batch=effective_batch, lr=lr, seed=seed, device=device, precision=precision,
+                      loss=loss, method_args=parse_method_args(method_arg) or None, out=out, name=name,
+                      limit_train=limit_train, limit_eval=limit_eval, eval_resolution=eval_resolution,
+                      num_workers=num_workers, datasets_file=datasets_file, data_root=data_root,
+                      skip_bad=skip_bad or None, detect_anomaly=detect_anomaly or None)
+    run_dir = run_training(cfg, resume=resume)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    head = metrics["headline"]
+    console.print(f"[bold green]done[/] {run_dir}: {head['metric']} on {head['split']} = {head['value']:.4f}, "
+                  f"{metrics['params']['trainable']:,} trainable parameters, "
+                  f"{metrics['throughput']['train_img_per_s']:.2f} train img/s, "
+                  f"peak memory {metrics['peak_memory_mb']:.0f} MB")
+
+
+@app.command()
+def table(
+    folder: Path = typer.Argument(..., help="Folder of run folders."),
+    fmt: str = typer.Option("rich", "--format", help="rich | markdown | csv | latex | html"),
+    metric: Optional[str] = typer.Option(None, help="Metric to show instead of each dataset's headline."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table to this file."),
+):
+    """Summarise run folders: methods × datasets, headline metric mean ± std over seeds."""
+    from samfit.report import collect_runs, comparison_grid, render, summarise
+
+    grid = comparison_grid(summarise(collect_runs(folder), metric))
+    if fmt == "rich":
+        t = Table(title=f"samfit results in {folder}")
+        for col in grid.columns:
+            t.add_column(str(col))
+        for _, row in grid.iterrows():
+            t.add_row(*(f"{v:,}" if isinstance(v, int) else str(v) for v in row))
+        console.print(t)
+        text = None
+    else:
+        text = render(grid, fmt)
+    if text is not None:
+        if output:
+            from samfit.engine.rundir import write_text
+
+            write_text(output, text)
+            console.print(f"wrote {output}")
+        else:
+            sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+
+
+@app.command()
+def methods(
+    model: str = typer.Option("vit_b", help="vit_b | vit_l | vit_h | tiny"),
+    num_classes: int = typer.Option(1, help="1 = binary head; >1 = mask-classification head."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+):
+    """List the PEFT methods with their trainable parameter counts on MODEL."""
+    import samfit
+    from samfit.model.sam import sam_total_parameters
+
+    sam_total = sam_total_parameters(model)
+    rows = []
+    for name in samfit.list_methods():
+        method = samfit.get_method(name)
+        net = method.apply(samfit.build_model(model, num_classes=num_classes, image_size=256))
+        counts = samfit.count_parameters(net)
+        rows.append({"method": name, **counts, "percent_of_sam": 100 * counts["trainable"] / sam_total,
+                     "hyperparameters": method.describe(), "identical_at_init": method.identical_at_init,
+                     "mergeable": method.mergeable, "summary": method.summary})
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    t = Table(title=f"PEFT methods on SAM {model} ({sam_total:,} parameters), num_classes={num_classes}")
+    for col in ("method", "encoder-side", "trainable", "% of SAM", "hyperparameters", "= SAM at init", "mergeable"):
+        t.add_column(col, justify="right" if col in ("encoder-side", "trainable", "% of SAM") else "left")
+    for r in rows:
+        t.add_row(r["method"], f"{r['encoder_trainable']:,}", f"{r['trainable']:,}", f"{r['percent_of_sam']:.3f}",
+                  ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()) or "-",
+                  "yes" if r["identical_at_init"] else "no", "yes" if r["mergeable"] else "no")
+    console.print(t)
+
+
+@app.command()
+def datasets(datasets_file: Optional[str] = typer.Option(None, help="Extra dataset registry (YAML).")):
+    """List the registered datasets and whether each is prepared."""
+    from samfit.data.registry import dataset_dir, load_registry
+
+    t = Table(title="datasets")
+    for col in ("name", "task", "classes", "test sets", "headline", "epochs", "lr", "prepared at"):
+        t.add_column(col)
+    for spec in load_registry(datasets_file).values():
+        folder = dataset_dir(spec)
+        where = "generated on first use" if spec.synthetic else (str(folder) if folder.is_dir() else "not prepared")
+        t.add_row(spec.name, spec.task, str(len(spec.classes)), ", ".join(spec.test), spec.headline,
+                  str(spec.epochs), f"{spec.lr:g}", where)
+    console.print(t)
+
+
+@weights_app.command("download")
+def weights_download(variant: str = typer.Argument(..., help="vit_b | vit_l | vit_h")):
+    """Download an official SAM checkpoint, verify its MD5, then move it into place."""
+    from samfit.download import download_file
+    from samfit.model.sam import checkpoint_dir, get_variant, weights_url
+
+    v = get_variant(variant)
+    if v.file is None:
+        raise SamfitError(f"Model '{variant}' has no official weights (it is random, for tests).")
+    dest = checkpoint_dir() / v.file
+    download_file(weights_url(variant), dest, md5=v.md5)
+    console.print(f"[green]saved[/] {dest}")
+
+
+def main() -> None:
+    """Entry point: user errors print a message and exit 2, without a traceback."""
+    try:
+        app(standalone_mode=False)
+    except SamfitError as exc:
+        from rich.text import Text
+
+        err.print(Text("error: ", style="bold red") + Text(str(exc)))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # click's own usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Image/mask pairs from a canonical split folder or a CSV, resized and normalised for SAM.
+
+Images: RGB, resized to S×S bicubic, normalised with SAM's pixel mean/std (0-255 scale).
+Masks: resized nearest; binary -> float {0,1} (1, S, S); multi-class -> long class map (S, S), 255 = ignore.
+Augmentation (horizontal flip) is applied by the engine on the batch, from a seeded generator, so that
+it is reproducible across workers, resumes and ranks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from samfit.data.registry import IMAGE_SUFFIXES
+from samfit.errors import SamfitError
+
+PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
+PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
+
+
+def list_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
+    """Pair <split>/images/<stem>.* with <split>/masks/<stem>.png; a lone image or mask is an error."""
+    images = {p.stem: p for p in sorted((split_dir / "images").iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    masks = {p.stem: p for p in sorted((split_dir / "masks").iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES}
+    for stem in sorted(set(images) - set(masks)):
+        raise SamfitError(f"Image without mask: {images[stem]} (expected {split_dir / 'masks' / (stem + '.png')}).")
+    for stem in sorted(set(masks) - set(images)):
+        raise SamfitError(f"Mask without image: {masks[stem]} (expected an image {split_dir / 'images' / stem}.*).")
+    if not images:
+        raise SamfitError(f"No images in {split_dir / 'images'}.")
+    return [(images[s], masks[s]) for s in sorted(images)]
+
+
+def read_image(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise SamfitError(f"Unreadable image: {path}. Replace or delete it, or pass --skip-bad to skip it.")
+    return image[..., ::-1]
+
+
+def read_mask(path: Path) -> np.ndarray:
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise SamfitError(f"Unreadable mask: {path}. Replace or delete it (with its image), or pass --skip-bad.")
+    if mask.ndim == 3:
+        raise SamfitError(f"Mask {path} has {mask.shape[2]} channels; samfit masks are single-channel PNGs "
+                          f"(run `samfit data prepare` to convert official masks).")
+    return mask
+
+
+class SegmentationFolder(Dataset):
+    """(image, mask) pairs for one split, validated on first read of each item."""
+
+    def __init__(self, pairs: list[tuple[Path, Path]], image_size: int, task: str, num_classes: int,
+                 limit: int | None = None, skip_bad: bool = False):
+        self.image_size, self.task, self.num_classes = image_size, task, num_classes
+        self.skipped: list[str] = []
+        pairs = pairs[:limit] if limit else pairs
+        if skip_bad:
+            good = []
+            for image, mask in pairs:
+                try:
+                    self._validate(read_image(image), read_mask(mask), image, mask)
+                    good.append((image, mask))
+                except SamfitError as exc:
+                    self.skipped.append(str(exc))
+            pairs = good
+            if not pairs:
+                raise SamfitError("Every image of the split was skipped as bad; see `samfit data check`.")
+        self.pairs = pairs
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _validate(self, image: np.ndarray, mask: np.ndarray, image_path: Path, mask_path: Path) -> None:
+        if image.shape[:2] != mask.shape[:2]:
+            raise SamfitError(f"Mask size {mask.shape[1]}x{mask.shape[0]} of {mask_path} differs from image size "
+                              f"{image.shape[1]}x{image.shape[0]} of {image_path}.")
+        values = np.unique(mask)
+        if self.task == "binary":
+            bad = values[(values != 0) & (values != 255)]
+        else:
+            bad = values[(values >= self.num_classes) & (values != 255)]
+        if bad.size:
+            allowed = "0 and 255" if self.task == "binary" else f"0..{self.num_classes - 1} and 255 (ignore)"
+            raise SamfitError(f"Illegal mask values {bad[:5].tolist()} in {mask_path}; allowed: {allowed}. "
+                              f"Run `samfit data prepare` to decode official masks.")
+
+    def gt(self, index: int) -> np.ndarray:
+        """The ground truth at its original resolution (bool for binary, class map otherwise)."""
+        mask = read_mask(self.pairs[index][1])
+        return mask > 127 if self.task == "binary" else mask
+
+    def __getitem__(self, index: int):
+        image_path, mask_path = self.pairs[index]
+        image, mask = read_image(image_path), read_mask(mask_path)
+        self._validate(image, mask, image_path, mask_path)
+        s = self.image_size
+        image = cv2.resize(image, (s, s), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+        image = torch.from_numpy(((image - PIXEL_MEAN) / PIXEL_STD).transpose(2, 0, 1).copy())
+        mask = cv2.resize(mask, (s, s), interpolation=cv2.INTER_NEAREST)
+        if self.task == "binary":
+            target = torch.from_numpy((mask > 127).astype(np.float32))[None]
+        else:
+            target = torch.from_numpy(mask.astype(np.int64))
+        return image, target, index
+
+
+def split_pairs(spec, folder: Path, split: str) -> list[tuple[Path, Path]]:
+    if spec.csv:
+        from samfit.data.csvpairs import read_pairs_csv
+
+        return read_pairs_csv(spec.csv[split])
+    return list_pairs(folder / split)

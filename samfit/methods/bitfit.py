@@ -1,0 +1,26 @@
+"""BitFit (Ben Zaken, Ravfogel, Goldberg, ACL 2022, arXiv 2106.10199) on SAM's image encoder.
+
+Only the bias terms inside the encoder blocks train, from their pretrained values:
+
+    y = W x + b,   b trainable for attn.qkv (3d), attn.proj (d), mlp.lin1 (4d), mlp.lin2 (d), norm1 (d), norm2 (d)
+
+= 11·d per block, 11·d·L in all. The patch embedding, position embedding, relative-position tables and the
+neck stay frozen. Nothing is inserted, so the model is SAM at step 0, and "merging" is a no-op: the trained
+biases simply are the fine-tuned model's biases.
+"""
+from __future__ import annotations
+
+from samfit.methods.base import Method, encoder_blocks, register_method
+
+
+@register_method
+class BitFit(Method):
+    name = "bitfit"
+    summary = "train every bias inside the encoder blocks"
+    identical_at_init = True
+    mergeable = True
+
+    def inject(self, model) -> None:
+        for block in encoder_blocks(model):
+            for layer in (block.attn.qkv, block.attn.proj, block.mlp.lin1, block.mlp.lin2, block.norm1, block.norm2):
+                layer.bias.requires_grad_(True)

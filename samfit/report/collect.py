@@ -1,0 +1,36 @@
+"""Collect run folders (any folder holding metrics.json, at any depth) into a pandas DataFrame."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from samfit.errors import SamfitError
+
+
+def collect_runs(root: str | Path) -> pd.DataFrame:
+    """One row per run and test set: identity, every scalar score, parameter counts, speed and memory."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SamfitError(f"No such folder: {root}.")
+    rows = []
+    for path in sorted(root.rglob("metrics.json")):
+        try:
+            m = json.loads(path.read_text())
+        except (json.JSONDecodeError, OSError) as exc:
+            raise SamfitError(f"Unreadable results file {path}: {exc}. Delete it or re-run that run.") from None
+        for split, scores in m["scores"].items():
+            row = {"run": str(path.parent.relative_to(root)) or ".", "method": m["method"], "dataset": m["dataset"],
+                   "test_set": split, "model": m["model"], "image_size": m["image_size"], "seed": m["seed"],
+                   "headline": m["headline"]["metric"], "lower_is_better": m["headline"]["lower_is_better"],
+                   "trainable": m["params"]["trainable"], "encoder_trainable": m["params"]["encoder_trainable"],
+                   "percent_of_sam": m["params"]["percent_of_sam"],
+                   "train_img_per_s": m["throughput"]["train_img_per_s"],
+                   "step_time_s": m["throughput"]["step_time_s"], "eval_img_per_s": m["throughput"]["eval_img_per_s"],
+                   "peak_memory_mb": m["peak_memory_mb"], "device": m["device"]}
+            row.update({k: v for k, v in scores.items() if isinstance(v, (int, float))})
+            rows.append(row)
+    if not rows:
+        raise SamfitError(f"No runs under {root} (no metrics.json found). Run `samfit run ... --out {root}` first.")
+    return pd.DataFrame(rows)
