@@ -113,6 +113,8 @@ def download_file(
     if size is not None and offset > size:
         part.unlink()
         offset = 0
+    if size is not None and offset == size:  # complete but never verified (interrupted before the rename)
+        return _verify_and_place(url, part, dest, size, expected, None)
     try:
         response = _open(url, offset, timeout)
         if response is None:  # 416: the .part is useless (complete or larger than the file): start over
@@ -149,6 +151,11 @@ def download_file(
         raise _network_error(url, dest, f"the connection closed after {received} of {offset + int(length)} "
                              f"bytes", hint, resumable=True)
 
+    return _verify_and_place(url, part, dest, size, expected, hashers)
+
+
+def _verify_and_place(url: str, part: Path, dest: Path, size: int | None, expected: dict, hashers) -> Path:
+    """Rename `part` to `dest` if it passes the checks; otherwise delete it and raise."""
     problems = _mismatches(part, size, expected, hashers)
     if problems:
         part.unlink()

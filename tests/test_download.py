@@ -150,6 +150,13 @@ def test_dropped_connection_keeps_part_then_resumes(server, tmp_path):
     assert dest.read_bytes() == PAYLOAD and server.requests[-1][1] == "bytes=300000-"
 
 
+def test_complete_part_with_known_size_is_verified_without_network(server, tmp_path):
+    dest = tmp_path / "blob.bin"
+    dest.with_suffix(".bin.part").write_bytes(PAYLOAD)
+    download_file(f"{server.url}/files/blob.bin", dest, md5=md5(PAYLOAD), size=len(PAYLOAD), progress=False)
+    assert dest.read_bytes() == PAYLOAD and server.requests == []
+
+
 def test_server_ignoring_range_restarts(server, tmp_path):
     server.ignore_range = True
     dest = tmp_path / "blob.bin"

@@ -280,6 +280,11 @@ def test_prepare_isic_from_folder_of_official_zips(tmp_path):
                 z.write(path, path.relative_to(tmp_path / "unpacked"))
     out = prepare_dataset("isic2017", downloads, tmp_path / "data", progress=False)
     expect.verify(out)
+    # one zip already unpacked beside the others: the unpacked part alone is incomplete, the zips complete it
+    with zipfile.ZipFile(downloads / "ISIC-2017_Training_Data.zip") as z:
+        z.extractall(downloads)
+    out = prepare_dataset("isic2017", downloads, tmp_path / "data", progress=False)
+    expect.verify(out)
 
 
 def test_prepare_conv_lora_csv_zip(tmp_path):

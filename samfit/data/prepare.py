@@ -91,11 +91,15 @@ def _find_splits(layout: Layout, sources: list[Path], tmp: Path, out: Path, name
         raise SamfitError(f"Source {others[0]} is neither a folder nor a .zip/.tar/.tar.gz archive. Pass the "
                           f"downloaded archive or the folder it unpacks to (unpack other archive types first).")
     roots = folders + [_unpack(a, tmp, names) for a in archives]
-    splits = _detect(layout, roots, out)
-    if splits is None:
-        inner = [a for f in folders for a in sorted(f.iterdir()) if _is_archive(a)]
-        if inner:  # a folder of downloaded archives
-            splits = _detect(layout, roots + [_unpack(a, tmp, names) for a in inner], out)
+    inner = [a for f in folders for a in sorted(f.iterdir()) if _is_archive(a)]  # a folder of downloads
+    try:
+        splits = _detect(layout, roots, out)
+    except SamfitError:
+        if not inner:
+            raise
+        splits = None  # perhaps completed by the archives beside the unpacked part
+    if splits is None and inner:
+        splits = _detect(layout, roots + [_unpack(a, tmp, names) for a in inner], out)
     if splits is None:
         shown = ", ".join(str(s) for s in sources)
         raise SamfitError(f"{shown}: not a '{layout.name}' download in a known layout.\n"
