@@ -53,8 +53,12 @@ class NoisyTopKRouter(nn.Module):
         self.w_noise = nn.Parameter(torch.zeros(dim, experts)) if noisy else None
 
     def forward(self, pooled: torch.Tensor):
-        """pooled (N, r) -> top-k expert indices (N, k), their gate weights (N, k), balancing loss ()."""
-        pooled = pooled.float()
+        """pooled (N, r) -> top-k expert indices (N, k), their gate weights (N, k), balancing loss ().
+        Routing runs in float32 even under autocast (top-k ties and the normal CDF need the precision)."""
+        with torch.autocast(pooled.device.type, enabled=False):
+            return self._route(pooled.float())
+
+    def _route(self, pooled: torch.Tensor):
         clean = pooled @ self.w_gate.float()
         noisy = self.w_noise is not None and self.training
         if noisy:
