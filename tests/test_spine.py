@@ -65,7 +65,7 @@ def test_run_folder_contract_and_determinism(tmp_path, data_root):
     assert "lora" in table and "iou_per_image" in table
 
 
-def test_frozen_sam_is_bitwise_unchanged_after_training(tmp_path, data_root):
+def test_checkpoint_holds_exactly_the_trainable_parameters(tmp_path, data_root):
     folder = _quick(tmp_path, data_root, method="lora")
     saved = torch.load(folder / "checkpoints" / "last.pt", weights_only=False)["trainable"]
     model = samfit.get_method("lora").apply(samfit.build_model("tiny"))
