@@ -35,7 +35,7 @@ def list_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
 
 
 def read_image(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         raise SamfitError(f"Unreadable image: {path}. Replace or delete it, or pass --skip-bad to skip it.")
     return image[..., ::-1]
