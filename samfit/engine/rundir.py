@@ -15,14 +15,22 @@ import yaml
 from samfit.errors import SamfitError
 
 
+def ensure_writable_dir(folder: Path) -> None:
+    """Create `folder` or explain why it cannot be written (permissions, a file in the way, read-only disk)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".samfit-probe-")
+        probe.close()
+    except OSError as exc:
+        raise SamfitError(f"Output folder {folder} is not writable ({exc.strerror or exc}). "
+                          f"Choose another with --out, or fix its permissions.") from None
+
+
 def _atomic(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: readers see old or new, never half."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except PermissionError:
-        raise SamfitError(f"Output folder {path.parent} is not writable. Choose another with --out.") from None
+    ensure_writable_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -88,7 +96,7 @@ class RunLock:
         self.owned = False
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(self.path.parent)
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
             try:
@@ -101,8 +109,6 @@ class RunLock:
                     continue
                 raise SamfitError(f"Run folder {self.path.parent} is in use by process {pid} on {host} "
                                   f"(lock {self.path}). Wait for it, or delete the lock if that process is gone.")
-            except PermissionError:
-                raise SamfitError(f"Output folder {self.path.parent} is not writable. Choose another with --out.") from None
             with os.fdopen(fd, "w") as f:
                 f.write(me)
             self.owned = True

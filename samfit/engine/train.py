@@ -65,7 +65,12 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """RNG states as tensors and plain numbers, so checkpoints load with torch.load(weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+             "python": [version, list(py_state), py_gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -73,8 +78,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = state["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -177,7 +184,11 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
 
     state = {"epoch": 0, "batch": 0, "step": 0, "best": None, "best_epoch": None, "history": []}
     if resume and last_ckpt.is_file():
-        saved = torch.load(last_ckpt, map_location="cpu", weights_only=False)
+        try:
+            saved = torch.load(last_ckpt, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a damaged file raises many types
+            raise SamfitError(f"Cannot resume from {last_ckpt}: the checkpoint is unreadable ({type(exc).__name__}). "
+                              f"Delete it to start the run afresh.") from None
         if saved["config"] != cfg.to_dict():
             raise SamfitError(f"Cannot resume {run_dir}: its checkpoint was made with different settings. "
                               f"Start a fresh run (without --resume) or use another --out/--name.")

@@ -176,8 +176,8 @@ def load_sam_state(path: Path, variant: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
         raise SamfitError(
-            f"Could not read checkpoint {path}: {type(exc).__name__}: {exc}. The file is corrupt or not "
-            f"a PyTorch state dict; download it again with `samfit weights download {variant}`."
+            f"Could not read checkpoint {path} ({type(exc).__name__}): the file is corrupt or not a PyTorch "
+            f"state dict of tensors. Download it again with `samfit weights download {variant}`."
         ) from None
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
