@@ -104,6 +104,50 @@ def table(
 
 
 @app.command()
+def grid(
+    file: Path = typer.Argument(..., help="Grid file, e.g. benchmarks/paper.yaml or benchmarks/smoke.yaml."),
+    out: Optional[str] = typer.Option(None, help="Folder of the run folders (default: the file's `out`)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the runs, their settings and state; run nothing."),
+    launcher: str = typer.Option("local", help="local (worker processes here) | slurm (submitit job array)."),
+    jobs: Optional[int] = typer.Option(None, help="local: parallel runs (default: one per GPU, or 1 on CPU)."),
+    gpus: Optional[str] = typer.Option(None, help="local: GPU indices, e.g. 0,1,2,3, or cpu (default: all)."),
+    retries: int = typer.Option(1, help="Extra attempts for a failed run (resuming from its checkpoint)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="KEY=VALUE for every run (wins over the file)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo runs whose folder holds other settings."),
+    partition: Optional[str] = typer.Option(None, help="slurm: partition."),
+    time: int = typer.Option(24 * 60, "--time", help="slurm: time limit per run, minutes."),
+    gpus_per_task: int = typer.Option(1, help="slurm: GPUs per run."),
+    cpus_per_task: int = typer.Option(8, help="slurm: CPUs per run."),
+    mem_gb: Optional[float] = typer.Option(64, help="slurm: memory per run, GB."),
+    account: Optional[str] = typer.Option(None, help="slurm: account."),
+    qos: Optional[str] = typer.Option(None, help="slurm: quality of service."),
+    constraint: Optional[str] = typer.Option(None, help="slurm: node constraint (e.g. a100)."),
+    array_parallelism: int = typer.Option(64, help="slurm: most runs at once."),
+    slurm_setup: Optional[List[str]] = typer.Option(None, "--slurm-setup", help="slurm: shell line before each run."),
+    slurm_arg: Optional[List[str]] = typer.Option(None, "--slurm-arg", help="slurm: any sbatch option KEY=VALUE."),
+    wait: bool = typer.Option(True, "--wait/--no-wait", help="slurm: follow the jobs (and retry) or just submit."),
+    slurm_cluster: Optional[str] = typer.Option(None, "--slurm-cluster", hidden=True,
+                                                help="submitit executor: slurm (default) | local | debug."),
+):
+    """Run a grid of runs (methods × datasets × seeds ...): skips finished runs, resumes interrupted ones."""
+    from samfit.launch import launch
+    from samfit.launch.slurm import SlurmOptions
+
+    extra = {}
+    for pair in slurm_arg or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SamfitError(f"--slurm-arg '{pair}' is not of the form KEY=VALUE (e.g. --slurm-arg exclude=node3).")
+        extra[key.strip().replace("-", "_")] = value.strip()
+    slurm = SlurmOptions(partition=partition, time_min=time, gpus_per_task=gpus_per_task, cpus_per_task=cpus_per_task,
+                         mem_gb=mem_gb, account=account, qos=qos, constraint=constraint,
+                         array_parallelism=array_parallelism, setup=list(slurm_setup or []), extra=extra,
+                         cluster=slurm_cluster)
+    launch(file, out=out, dry_run=dry_run, launcher=launcher, jobs=jobs, gpus=gpus, retries=retries,
+           settings=set_, overwrite=overwrite, slurm=slurm, wait=wait, console=err)
+
+
+@app.command()
 def methods(
     model: str = typer.Option("vit_b", help="vit_b | vit_l | vit_h | tiny"),
     num_classes: int = typer.Option(1, help="1 = binary head; >1 = mask-classification head."),
