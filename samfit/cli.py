@@ -50,8 +50,13 @@ def run(
     detect_anomaly: bool = typer.Option(False, "--detect-anomaly", help="torch anomaly detection (slow)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file of run settings (flags win)."),
+    nproc: int = typer.Option(1, "--nproc", help="Train on N processes (GPUs) with torchrun; the batch is global."),
 ):
     """Fine-tune SAM with one method on one dataset, evaluate, and write a run folder."""
+    if nproc > 1:
+        from samfit.engine.distributed import launch
+
+        raise typer.Exit(launch(nproc, sys.argv[1:]))
     from samfit.config import make_config
     from samfit.engine.train import run as run_training
     from samfit.methods.base import parse_method_args
@@ -64,6 +69,10 @@ def run(
                       num_workers=num_workers, datasets_file=datasets_file, data_root=data_root,
                       skip_bad=skip_bad or None, detect_anomaly=detect_anomaly or None)
     run_dir = run_training(cfg, resume=resume)
+    from samfit.engine.distributed import is_main_process
+
+    if not is_main_process():
+        return
     metrics = json.loads((run_dir / "metrics.json").read_text())
     head = metrics["headline"]
     console.print(f"[bold green]done[/] {run_dir}: {head['metric']} on {head['split']} = {head['value']:.4f}, "

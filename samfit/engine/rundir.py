@@ -26,8 +26,13 @@ def ensure_writable_dir(folder: Path) -> None:
                           f"Choose another with --out, or fix its permissions.") from None
 
 
+WRITER = True  # False on the ranks > 0 of a distributed run (engine/distributed.py): only rank 0 writes
+
+
 def _atomic(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: readers see old or new, never half."""
+    if not WRITER:
+        return
     path = Path(path)
     ensure_writable_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -96,6 +101,8 @@ class RunLock:
         self.owned = False
 
     def acquire(self) -> "RunLock":
+        if not WRITER:  # rank 0 of a distributed run holds the lock for all ranks
+            return self
         ensure_writable_dir(self.path.parent)
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 import samfit
 from samfit.config import RunConfig
 from samfit.data import SegmentationFolder, ensure_available, resolve_dataset, split_pairs
-from samfit.engine import rundir
+from samfit.engine import distributed, rundir
 from samfit.engine.evaluate import evaluate
 from samfit.engine.profile import Timer, peak_memory_mb, reset_peak_memory
 from samfit.errors import SamfitError
@@ -90,10 +90,13 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
-def flip_batch(images, targets, seed: int, epoch: int, batch: int):
-    """Horizontal flip with p=0.5 per image, from a generator seeded by (seed, epoch, batch)."""
+def flip_batch(images, targets, seed: int, epoch: int, batch: int, part: tuple[int, int] = (0, 1)):
+    """Horizontal flip with p=0.5 per image, from a generator seeded by (seed, epoch, batch). `part` =
+    (rank, world): the images are share `rank` of a micro-batch of `world` equal shares (distributed.py), and
+    get the flips the whole micro-batch gets in one process."""
     g = torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_000_003 + batch)
-    flip = torch.rand(images.shape[0], generator=g) < 0.5
+    n = images.shape[0]
+    flip = torch.rand(n * part[1], generator=g)[part[0] * n:(part[0] + 1) * n] < 0.5
     images, targets = images.clone(), targets.clone()
     images[flip] = images[flip].flip(-1)
     targets[flip] = targets[flip].flip(-1)
@@ -129,12 +132,18 @@ def run(config: RunConfig, resume: bool = False, quiet: bool = False) -> Path:
     spec = resolve_dataset(config.dataset, config.datasets_file)
     cfg = config.resolved(spec)
     method = get_method(cfg.method, **cfg.method_args)  # validates --method-arg before any work
-    device = pick_device(cfg.device)
+    dist = distributed.setup(pick_device(cfg.device), cfg.batch_size)  # one process unless under torchrun
+    device = dist.device
     autocast, amp_dtype, use_scaler = autocast_for(cfg.precision, device)
     run_dir = Path(cfg.out) / cfg.run_name()
-    lock = rundir.RunLock(run_dir).acquire()
     try:
-        return _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume, quiet)
+        lock = rundir.RunLock(run_dir).acquire()
+    except BaseException:
+        dist.close()
+        raise
+    try:
+        return _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume,
+                           quiet or not dist.is_main)
     except SamfitError as exc:
         rundir.set_status(run_dir, "interrupted" if isinstance(exc, Interrupted) else "failed", error=str(exc))
         raise
@@ -143,6 +152,7 @@ def run(config: RunConfig, resume: bool = False, quiet: bool = False) -> Path:
         raise
     finally:
         lock.release()
+        dist.close()
 
 
 def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume, quiet) -> Path:
@@ -153,8 +163,9 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
     rundir.set_status(run_dir, "running")
     rundir.write_yaml(run_dir / "config.yaml", cfg.to_dict())
     seed_everything(cfg.seed)
+    dist = distributed.current()
 
-    folder = ensure_available(spec, cfg.data_root)
+    folder = dist.main_first(ensure_available, spec, cfg.data_root)
     make = lambda split, limit: SegmentationFolder(split_pairs(spec, folder, split), cfg.image_size, spec.task,  # noqa: E731
                                                    spec.num_classes, limit=limit, skip_bad=cfg.skip_bad)
     train_set = make(spec.train, cfg.limit_train)
@@ -171,6 +182,7 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
     model.to(device)
     counts = samfit.count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    dist.broadcast_parameters(params)
     accum = cfg.effective_batch // cfg.batch_size
     batches_per_epoch = len(train_set) // cfg.batch_size
     steps_per_epoch = batches_per_epoch // accum
@@ -220,8 +232,9 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
                 model.train()
                 order = epoch_order(len(train_set), cfg.seed, epoch)[:batches_per_epoch * cfg.batch_size]
                 start = state["batch"] * cfg.batch_size
-                loader = DataLoader(torch.utils.data.Subset(train_set, order[start:]), batch_size=cfg.batch_size,
-                                    num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+                loader = DataLoader(torch.utils.data.Subset(train_set, dist.shard(order[start:], cfg.batch_size)),
+                                    batch_size=dist.local_batch(cfg.batch_size), num_workers=cfg.num_workers,
+                                    pin_memory=device.type == "cuda")
                 batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps_per_epoch * accum,
                                                completed=state["batch"], info="")
                 for images, targets, _ in loader:
@@ -229,7 +242,7 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
                     if b >= steps_per_epoch * accum:
                         break
                     if cfg.flip:
-                        images, targets = flip_batch(images, targets, cfg.seed, epoch, b)
+                        images, targets = flip_batch(images, targets, cfg.seed, epoch, b, part=dist.part)
                     with train_timer, torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
                         images, targets = images.to(device, non_blocking=True), targets.to(device)
                         with autocast():
@@ -243,6 +256,7 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
                                 f"--detect-anomaly to find the operation.")
                         scaler.scale(loss / accum).backward()
                         if (b + 1) % accum == 0:
+                            dist.average_gradients(params)
                             scaler.unscale_(optimizer)
                             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                             scaler.step(optimizer)
@@ -253,21 +267,21 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
                     train_timer.add_images(images.shape[0])
                     state["batch"] = b + 1
                     progress.update(batch_task, advance=1, info=f"loss {loss.item():.4f}")
-                    if interrupted and (b + 1) % accum == 0:
+                    if (b + 1) % accum == 0 and dist.any(interrupted):
                         save_state()
                         raise Interrupted(
                             f"Interrupted. Progress saved in {last_ckpt}; continue with the same command "
                             f"plus --resume.")
                 progress.remove_task(batch_task)
                 scores, _ = evaluate(model, val_set, spec, cfg, device, autocast, progress=progress,
-                                     label=f"validate ({spec.selection_split})")
+                                     label=f"validate ({spec.selection_split})", **dist.eval_args(len(val_set)))
                 value = scores[spec.headline]
                 improved = state["best"] is None or (value < state["best"] if spec.lower_is_better
                                                      else value > state["best"])
                 if improved:
                     state["best"], state["best_epoch"] = value, epoch + 1
                     rundir.save_torch(run_dir / "checkpoints" / "best.pt", trainable_state(model))
-                state["history"].append({"epoch": epoch + 1, "step": state["step"], "loss": float(loss.item()),
+                state["history"].append({"epoch": epoch + 1, "step": state["step"], "loss": dist.mean(loss.item()),
                                          "lr": scheduler.get_last_lr()[0], f"val_{spec.headline}": value})
                 state["epoch"], state["batch"] = epoch + 1, 0
                 save_state()
@@ -276,14 +290,16 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
     finally:
         signal.signal(signal.SIGINT, previous_handler)
 
+    dist.barrier()  # rank 0 has written best.pt
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True), strict=False)
     results, eval_timers = {}, []
     for split in spec.eval_splits:
         test_set = make(split, cfg.limit_eval)
-        results[split], timer = evaluate(model, test_set, spec, cfg, device, autocast, label=f"test ({split})")
+        results[split], timer = evaluate(model, test_set, spec, cfg, device, autocast, label=f"test ({split})",
+                                         **dist.eval_args(len(test_set)))
         eval_timers.append(timer)
-    eval_images = sum(t.images for t in eval_timers)
-    eval_time = sum(sum(t.durations) for t in eval_timers)
+    eval_images = dist.sum(sum(t.images for t in eval_timers))  # all ranks' images over the slowest rank's time
+    eval_time = dist.max(sum(sum(t.durations) for t in eval_timers))
     sam_total = sam_total_parameters(cfg.model)
     metrics = {
         "run": cfg.run_name(), "method": cfg.method, "dataset": spec.name, "model": cfg.model,
@@ -295,14 +311,15 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
         "selection": {"split": spec.selection_split, "best_epoch": state["best_epoch"], "value": state["best"]},
         "params": {**counts, "sam_total": sam_total, "percent_of_sam": 100 * counts["trainable"] / sam_total},
         "method_args": method.describe(),
-        "throughput": {"train_img_per_s": train_timer.images_per_s, "eval_img_per_s":
+        "throughput": {"train_img_per_s": dist.images_per_s(train_timer), "eval_img_per_s":
                        eval_images / eval_time if eval_time else math.nan, "step_time_s": train_timer.median},
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": dist.max(peak_memory_mb(device)), "processes": dist.world,
         "train_images": len(train_set), "skipped_bad": len(train_set.skipped) + len(val_set.skipped),
         "wall_time_s": time.time() - started, "versions": versions(),
     }
     rundir.write_json(run_dir / "metrics.json", metrics)
     rundir.set_status(run_dir, "done")
+    dist.barrier()  # every rank returns once rank 0 has written metrics.json
     return run_dir
 
 
