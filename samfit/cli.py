@@ -87,11 +87,20 @@ def table(
     fmt: str = typer.Option("rich", "--format", help="rich | markdown | csv | latex | html"),
     metric: Optional[str] = typer.Option(None, help="Metric to show instead of each dataset's headline."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table to this file."),
+    paper: bool = typer.Option(False, "--paper", help="Add the paper's published numbers and the difference."),
+    reference: Optional[Path] = typer.Option(None, help="Published numbers CSV (default: benchmarks/paper_reference.csv)."),
 ):
     """Summarise run folders: methods × datasets, headline metric mean ± std over seeds."""
     from samfit.report import collect_runs, comparison_grid, render, summarise
 
-    grid = comparison_grid(summarise(collect_runs(folder), metric))
+    summary = summarise(collect_runs(folder), metric)
+    grid = comparison_grid(summary)
+    if paper:
+        from samfit.report.paper import add_paper, load_reference
+
+        grid, notes = add_paper(grid, summary, load_reference(reference))
+        for note in notes:
+            err.print(f"paper: {note}", highlight=False)
     if fmt == "rich":
         t = Table(title=f"samfit results in {folder}")
         for col in grid.columns:
@@ -110,6 +119,20 @@ def table(
             console.print(f"wrote {output}")
         else:
             sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+
+
+@app.command()
+def plot(
+    folder: Path = typer.Argument(..., help="Folder of run folders."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the PNGs (default: FOLDER/plots)."),
+    metric: Optional[str] = typer.Option(None, help="Metric to plot instead of each dataset's headline."),
+):
+    """PNG plots per dataset: the metric against trainable parameters and against step time."""
+    from samfit.report import collect_runs, summarise
+    from samfit.report.plot import plot_summary
+
+    for path in plot_summary(summarise(collect_runs(folder), metric), out or folder / "plots"):
+        console.print(f"wrote {path}", highlight=False)
 
 
 @app.command()
@@ -269,24 +292,12 @@ def data_download(
 def main() -> None:
     """Entry point: user errors print a message and exit 2, without a traceback."""
     try:
-        app(standalone_mode=False)
+        app()
     except SamfitError as exc:
         from rich.text import Text
 
         err.print(Text("error: ", style="bold red") + Text(str(exc)))
         sys.exit(2)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import socket
@@ -66,7 +67,10 @@ def write_yaml(path: Path, data) -> None:
 
 
 def save_torch(path: Path, obj) -> None:
-    _atomic(path, lambda f: torch.save(obj, f))
+    """Serialise in memory first, so that a full disk surfaces as ENOSPC from our own write."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    _atomic(path, lambda f: f.write(buffer.getbuffer()))
 
 
 def read_json(path: Path):

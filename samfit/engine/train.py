@@ -46,10 +46,16 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto -> fp16 autocast on CUDA (the official code's mixed precision), fp32 on CPU."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast_for(precision: str, device: torch.device):
     """(context factory, dtype or None, needs grad scaler)."""
-    if precision == "auto":
-        precision = "fp16" if device.type == "cuda" else "fp32"
+    precision = resolve_precision(precision, device)
     if precision == "fp32":
         return contextlib.nullcontext, None, False
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
@@ -251,8 +257,11 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
                         if not torch.isfinite(loss):
                             raise SamfitError(
                                 f"Loss became {loss.item()} at epoch {epoch + 1}, optimiser step {state['step']}, "
-                                f"lr {scheduler.get_last_lr()[0]:.3g}, precision {cfg.precision}. The last good "
-                                f"checkpoint is kept in {last_ckpt}. Try a lower --lr, --precision fp32, or "
+                                f"lr {scheduler.get_last_lr()[0]:.3g}, precision "
+                                f"{resolve_precision(cfg.precision, device)}. "
+                                + (f"The last good checkpoint is kept in {last_ckpt}. " if last_ckpt.is_file() else
+                                   "No checkpoint was saved yet (it fails in the first epoch). ")
+                                + "Try a lower --lr, --precision fp32, or "
                                 f"--detect-anomaly to find the operation.")
                         scaler.scale(loss / accum).backward()
                         if (b + 1) % accum == 0:
@@ -303,7 +312,8 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
     sam_total = sam_total_parameters(cfg.model)
     metrics = {
         "run": cfg.run_name(), "method": cfg.method, "dataset": spec.name, "model": cfg.model,
-        "image_size": cfg.image_size, "seed": cfg.seed, "device": str(device), "precision": cfg.precision,
+        "image_size": cfg.image_size, "seed": cfg.seed, "device": str(device),
+        "precision": resolve_precision(cfg.precision, device),
         "eval_resolution": cfg.eval_resolution, "task": spec.task,
         "headline": {"metric": spec.headline, "lower_is_better": spec.lower_is_better,
                      "value": results[spec.eval_splits[0]][spec.headline], "split": spec.eval_splits[0]},
