@@ -29,10 +29,11 @@ def summarise(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     return grouped.sort_values(["order", "method"]).drop(columns="order")
 
 
-def comparison_grid(summary: pd.DataFrame, scale: float | None = None) -> pd.DataFrame:
+def comparison_grid(summary: pd.DataFrame) -> pd.DataFrame:
     """Wide table: one row per method (and model), one column per dataset/test set, best per column marked
-    with '*'. Scores in [0, 1] are shown ×100 like the paper."""
-    cells, best = {}, {}
+    with '*' (when more than one method ran). Scores are shown as the paper prints them (`display_scale`);
+    a method without runs on a dataset shows '—'."""
+    best = {}
     for col, group in summary.groupby(["dataset", "test_set", "metric"], sort=False):
         lower = bool(group["lower_is_better"].iloc[0])
         best[col] = group["mean"].min() if lower else group["mean"].max()
@@ -42,18 +43,24 @@ def comparison_grid(summary: pd.DataFrame, scale: float | None = None) -> pd.Dat
                "% of SAM": round(float(group["percent_of_sam"].iloc[0]), 3)}
         for _, r in group.iterrows():
             col = (r["dataset"], r["test_set"], r["metric"])
-            factor = 100 if r["metric"] not in ("ber", "mae") or r["metric"] == "mae" else 1
-            factor = 1 if r["metric"] == "ber" else (100 if r["metric"] != "mae" else 1)
-            text = f"{r['mean'] * factor:.2f} ± {r['std'] * factor:.2f} (n={r['seeds']})"
-            row[_label(col)] = text + (" *" if r["mean"] == best[col] and summary["method"].nunique() > 1 else "")
+            factor, digits = display_scale(r["metric"])
+            text = f"{r['mean'] * factor:.{digits}f} ± {r['std'] * factor:.{digits}f} (n={r['seeds']})"
+            row[column_label(col)] = text + (" *" if r["mean"] == best[col] and summary["method"].nunique() > 1 else "")
         row["step s"] = round(float(group["step_time_s"].median()), 4)
         row["peak MB"] = round(float(group["peak_memory_mb"].median()), 1)
         table.append(row)
-    cells = pd.DataFrame(table)
-    return cells
+    order = ["method", "model", "trainable", "% of SAM", *(column_label(c) for c in best), "step s", "peak MB"]
+    return pd.DataFrame(table)[order].fillna("—")
 
 
-def _label(col) -> str:
+def display_scale(metric: str) -> tuple[float, int]:
+    """(factor, decimals) to print a metric like the paper: scores in [0, 1] ×100; BER is already ×100; MAE
+    stays in [0, 1] with three decimals."""
+    return {"ber": (1, 2), "mae": (1, 3)}.get(metric, (100, 2))
+
+
+def column_label(col) -> str:
+    """(dataset, test set, metric) -> the table's column name, e.g. 'polyp/kvasir s_measure'."""
     dataset, test_set, metric = col
     where = dataset if test_set in ("test", dataset) else f"{dataset}/{test_set}"
     return f"{where} {metric}"

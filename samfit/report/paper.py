@@ -1,0 +1,80 @@
+"""The paper's published numbers beside samfit's: `samfit table DIR --paper`.
+
+benchmarks/paper_reference.csv holds one published value per row: dataset, test_set, metric (samfit's metric
+key), method, value (as the paper prints it: ×100 except MAE), note, source. `add_paper` puts, after every
+column of the comparison grid that has published values, a `paper` column and a `Δ` column (samfit's mean minus
+the paper's value, in the same units), and a `paper source` column per method.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from samfit.errors import SamfitError
+from samfit.report.table import column_label, display_scale
+
+REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_reference.csv"
+COLUMNS = ("dataset", "test_set", "metric", "method", "value", "source")
+
+
+def load_reference(path: str | Path | None = None) -> pd.DataFrame:
+    path = Path(path) if path else REFERENCE
+    if not path.is_file():
+        raise SamfitError(f"Reference numbers not found: {path}. Pass --reference FILE (a CSV with columns "
+                          f"{', '.join(COLUMNS)}).")
+    try:
+        ref = pd.read_csv(path, dtype={"test_set": str})
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise SamfitError(f"{path} is not a readable CSV: {exc}") from None
+    missing = [c for c in COLUMNS if c not in ref.columns]
+    if missing:
+        raise SamfitError(f"{path} lacks the column(s) {', '.join(missing)}; it needs {', '.join(COLUMNS)}.")
+    values = pd.to_numeric(ref["value"], errors="coerce")
+    if values.isna().any():
+        bad = ref.loc[values.isna()].index[0] + 2
+        raise SamfitError(f"{path}, line {bad}: value {ref['value'].iloc[bad - 2]!r} is not a number.")
+    ref["value"] = values
+    ref["source"] = ref["source"].fillna("")
+    return ref
+
+
+def add_paper(grid: pd.DataFrame, summary: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The grid with `<column> paper` and `<column> Δ` after each column that has published numbers, and a
+    `paper source` column. Also returns notes on the published numbers that have no column in this grid."""
+    published: dict[tuple[str, str], tuple[float, str]] = {}
+    by_label: dict[str, list[str]] = {}
+    for r in reference.itertuples():
+        label = column_label((r.dataset, r.test_set, r.metric))
+        published[(r.method, label)] = (float(r.value), r.source)
+        by_label.setdefault(label, []).append(f"{r.method} {r.value:g}")
+    ours: dict[tuple[str, str, str], float] = {}
+    for r in summary.itertuples():
+        factor, _ = display_scale(r.metric)
+        ours[(r.method, r.model, column_label((r.dataset, r.test_set, r.metric)))] = r.mean * factor
+
+    out = grid.copy()
+    shown = [c for c in grid.columns if c in by_label]
+    for label in shown:
+        paper, delta = [], []
+        for row in grid.itertuples(index=False):
+            method, model = row[0], row[1]
+            value = published.get((method, label))
+            mine = ours.get((method, model, label))
+            paper.append("—" if value is None else f"{value[0]:g}")
+            delta.append("—" if value is None or mine is None else f"{mine - value[0]:+.2f}")
+        at = list(out.columns).index(label) + 1
+        out.insert(at, f"{label} paper", paper)
+        out.insert(at + 1, f"{label} Δ", delta)
+    if shown:
+        out["paper source"] = ["; ".join(sorted({published[(row[0], label)][1] for label in shown
+                                                 if (row[0], label) in published})) or "—"
+                               for row in grid.itertuples(index=False)]
+    missing = [label for label in by_label if label not in shown]
+    notes = []
+    if not shown:
+        notes.append(f"none of these runs' columns has published numbers (the reference has {', '.join(by_label)})")
+    elif missing:
+        notes.append(f"published numbers without a column here: {', '.join(missing)} (run those datasets, or "
+                     f"pick the metric with --metric)")
+    return out, notes
