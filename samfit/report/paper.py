@@ -24,7 +24,7 @@ def load_reference(path: str | Path | None = None) -> pd.DataFrame:
         raise SamfitError(f"Reference numbers not found: {path}. Pass --reference FILE (a CSV with columns "
                           f"{', '.join(COLUMNS)}).")
     try:
-        ref = pd.read_csv(path, dtype={"test_set": str})
+        ref = pd.read_csv(path, dtype={"test_set": str, "value": str})
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         raise SamfitError(f"{path} is not a readable CSV: {exc}") from None
     missing = [c for c in COLUMNS if c not in ref.columns]
@@ -34,6 +34,7 @@ def load_reference(path: str | Path | None = None) -> pd.DataFrame:
     if values.isna().any():
         bad = ref.loc[values.isna()].index[0] + 2
         raise SamfitError(f"{path}, line {bad}: value {ref['value'].iloc[bad - 2]!r} is not a number.")
+    ref["printed"] = ref["value"].str.strip()  # as the paper prints it (92.0, not 92)
     ref["value"] = values
     ref["source"] = ref["source"].fillna("")
     return ref
@@ -42,12 +43,12 @@ def load_reference(path: str | Path | None = None) -> pd.DataFrame:
 def add_paper(grid: pd.DataFrame, summary: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     """The grid with `<column> paper` and `<column> Δ` after each column that has published numbers, and a
     `paper source` column. Also returns notes on the published numbers that have no column in this grid."""
-    published: dict[tuple[str, str], tuple[float, str]] = {}
+    published: dict[tuple[str, str], tuple[float, str, str]] = {}
     by_label: dict[str, list[str]] = {}
     for r in reference.itertuples():
         label = column_label((r.dataset, r.test_set, r.metric))
-        published[(r.method, label)] = (float(r.value), r.source)
-        by_label.setdefault(label, []).append(f"{r.method} {r.value:g}")
+        published[(r.method, label)] = (float(r.value), r.source, r.printed)
+        by_label.setdefault(label, []).append(f"{r.method} {r.printed}")
     ours: dict[tuple[str, str, str], float] = {}
     for r in summary.itertuples():
         factor, _ = display_scale(r.metric)
@@ -61,7 +62,7 @@ def add_paper(grid: pd.DataFrame, summary: pd.DataFrame, reference: pd.DataFrame
             method, model = row[0], row[1]
             value = published.get((method, label))
             mine = ours.get((method, model, label))
-            paper.append("—" if value is None else f"{value[0]:g}")
+            paper.append("—" if value is None else value[2])
             delta.append("—" if value is None or mine is None else f"{mine - value[0]:+.2f}")
         at = list(out.columns).index(label) + 1
         out.insert(at, f"{label} paper", paper)

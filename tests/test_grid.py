@@ -1,0 +1,222 @@
+"""Grid files, `samfit grid` (local pool and submitit), resuming a killed grid, and the tables and plots of a
+finished grid. One smoke grid (nine methods on `shapes`) is shared by the tests that read its results."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from samfit.errors import SamfitError
+from samfit.grid import inspect, load_grid, parse_set
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "benchmarks" / "smoke.yaml"
+METHODS = ["decoder-only", "bitfit", "adapter", "sam-adapter", "vpt", "lst", "ssf", "lora", "conv-lora"]
+TINY = {"model": "tiny", "image_size": 64, "epochs": 1, "limit_train": 4, "limit_eval": 2, "device": "cpu"}
+
+
+def samfit(*args, env=None, timeout=600, check=True):
+    proc = subprocess.run([sys.executable, "-m", "samfit", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"samfit {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def write_grid(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+# --- grid files ----------------------------------------------------------------------------------------------
+
+def test_expansion_order_names_and_override_precedence(tmp_path):
+    grid = write_grid(tmp_path / "g.yaml", {
+        "defaults": {**TINY, "batch_size": 2, "effective_batch": 4, "limit_eval": 3},
+        "axes": {"method": ["lora", "conv-lora"], "lr": ["1e-4", 3e-4], "seed": [0, 1]},
+        "overrides": {
+            "method": {"conv-lora": {"batch_size": 4, "limit_eval": 5, "method_args": {"experts": 4}}},
+            "lr": {"1e-4": {"limit_eval": 7}},   # a later axis wins over an earlier one
+            "seed": {1: {"epochs": 2}},
+        },
+        "exclude": [{"method": "lora", "seed": 1}],
+    })
+    g = load_grid(grid, out=str(tmp_path / "out"), overrides=parse_set(["limit_train=6"]))
+    names = [c.name for c in g.runs]
+    assert names == ["shapes_lora_tiny_64_s0_lr-0.0001", "shapes_lora_tiny_64_s0_lr-0.0003",
+                     "shapes_conv-lora_tiny_64_s0_lr-0.0001", "shapes_conv-lora_tiny_64_s1_lr-0.0001",
+                     "shapes_conv-lora_tiny_64_s0_lr-0.0003", "shapes_conv-lora_tiny_64_s1_lr-0.0003"]
+    by = {c.name: c for c in g.runs}
+    lora = by["shapes_lora_tiny_64_s0_lr-0.0003"]
+    assert (lora.lr, lora.batch_size, lora.limit_eval, lora.epochs) == (3e-4, 2, 3, 1)
+    assert lora.limit_train == 6  # --set beats the file
+    assert lora.loss == "structure"  # the dataset's default fills what nobody set
+    conv = by["shapes_conv-lora_tiny_64_s1_lr-0.0001"]
+    assert (conv.batch_size, conv.limit_eval, conv.epochs, conv.method_args) == (4, 7, 2, {"experts": 4})
+    assert by["shapes_conv-lora_tiny_64_s0_lr-0.0003"].limit_eval == 5
+    assert all(Path(c.out) == (tmp_path / "out").resolve() for c in g.runs)
+    assert inspect(g.runs[0]).state == "new"
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"axis": {"method": ["lora"]}}, "unknown top-level key 'axis'. Did you mean 'axes'?"),
+    ({"axes": {"method": ["lora"]}, "defaults": {"epoch": 1}}, "unknown setting 'epoch'. Did you mean 'epochs'?"),
+    ({"axes": {"methods": ["lora"]}}, "unknown axis 'methods'"),
+    ({"axes": {"method": ["lora"]}, "overrides": {"method": {"lorra": {"epochs": 1}}}},
+     "'lorra' is not a value of axis 'method'"),
+    ({"axes": {"method": ["lora"]}, "overrides": {"dataset": {"shapes": {"epochs": 1}}}}, "unknown axis 'dataset'"),
+    ({"axes": {"method": ["lora"]}, "defaults": {"method": "ssf"}}, "'method' is an axis of this grid"),
+    ({"axes": {"method": ["lora"]}, "defaults": {"name": "x"}}, "'name' is set by the grid"),
+    ({"axes": {"method": ["lora", "lorra"]}}, "Did you mean 'lora'?"),
+    ({"axes": {"method": ["lora"], "dataset": ["nope"]}}, "Unknown dataset 'nope'"),
+    ({"axes": {"method": ["lora"]}, "defaults": {"lr": "fast"}}, "lr must be a number"),
+    ({"axes": {"method": []}}, "must be a non-empty list"),
+    ({"axes": {"method": ["lora"]}, "exclude": [{"method": "lora"}]}, "every run is excluded"),
+])
+def test_invalid_grid_files_say_what_is_wrong(tmp_path, data, message):
+    path = write_grid(tmp_path / "bad.yaml", {"defaults": TINY, **data} if "defaults" not in data else data)
+    with pytest.raises(SamfitError, match=message.replace("?", r"\?").replace("(", r"\(")):
+        load_grid(path, out=str(tmp_path))
+
+
+def test_set_cannot_change_an_axis(tmp_path):
+    with pytest.raises(SamfitError, match="'seed' is an axis"):
+        load_grid(SMOKE, out=str(tmp_path), overrides=parse_set(["seed=3"]))
+    with pytest.raises(SamfitError, match="KEY=VALUE"):
+        parse_set(["epochs"])
+
+
+def test_paper_grid_dry_run_lists_216_runs(tmp_path):
+    proc = samfit("grid", ROOT / "benchmarks" / "paper.yaml", "--dry-run", "--out", tmp_path / "paper")
+    assert "216 runs: 216 new (dry run: nothing launched)" in proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if "_vit_h_1024_s" in line]
+    assert len(rows) == 216
+    assert any("sbu_conv-lora_vit_h_1024_s2" in r and "balanced-bce" in r and " 10 " in r for r in rows)
+    assert any("road_lst_vit_h_1024_s0" in r and "0.0003" in r and " 20 " in r for r in rows)
+    assert not (tmp_path / "paper").exists()
+
+
+# --- the smoke grid: run, kill, resume, skip ---------------------------------------------------------------
+
+def _env(data_root: Path) -> dict:
+    return dict(os.environ, SAMFIT_DATA=str(data_root), COLUMNS="200")
+
+
+def _wait_dead(folder: Path, timeout: float = 60) -> None:
+    """Wait until no worker of the killed grid is alive (their locks name them)."""
+    deadline = time.time() + timeout
+    for lock in folder.glob("*/run.lock"):
+        pid = int(lock.read_text().split()[1])
+        while time.time() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def smoke_grid(tmp_path_factory):
+    """Start the smoke grid, SIGKILL it once 3 runs are done, run it again to the end, then a third time."""
+    tmp = tmp_path_factory.mktemp("smoke")
+    out, env = tmp / "runs", _env(tmp / "data")
+    proc = subprocess.Popen([sys.executable, "-m", "samfit", "grid", str(SMOKE), "--out", str(out), "--jobs", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    deadline = time.time() + 400
+    while len(list(out.glob("*/metrics.json"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _wait_dead(out)
+    before = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("*/metrics.json")}
+    second = samfit("grid", SMOKE, "--out", out, "--jobs", "2", env=env)
+    third = samfit("grid", SMOKE, "--out", out, env=env)
+    return {"out": out, "env": env, "before": before, "second": second, "third": third}
+
+
+def test_killed_grid_finishes_the_rest_without_redoing_finished_runs(smoke_grid):
+    out, before = smoke_grid["out"], smoke_grid["before"]
+    assert 3 <= len(before) < 9
+    done = {p.parent.name for p in out.glob("*/metrics.json")}
+    assert done == {f"shapes_{m}_tiny_64_s0" for m in METHODS}
+    for name, mtime in before.items():  # finished before the kill: skipped, not redone
+        assert (out / name / "metrics.json").stat().st_mtime_ns == mtime
+    summary = json.loads((out / "grid.json").read_text())
+    assert sum(r["state"] == "skipped" for r in summary["runs"]) == 9  # (the third call's record)
+    assert all(json.loads((out / n / "status.json").read_text())["status"] == "done" for n in done)
+    assert not list(out.glob("*/run.lock"))
+    assert f"{9 - len(before)} to run ({len(before)} already complete)" in smoke_grid["second"].stderr
+
+
+def test_second_call_runs_nothing(smoke_grid):
+    assert "Nothing to run: 9 runs: 9 skipped." in smoke_grid["third"].stderr
+    assert "start" not in smoke_grid["third"].stderr
+
+
+def test_table_shows_all_nine_methods(smoke_grid):
+    text = samfit("table", smoke_grid["out"], "--format", "markdown").stdout
+    rows = [line for line in text.splitlines() if "| tiny" in line]
+    assert [r.split("|")[1].strip() for r in rows] == METHODS
+    assert "shapes iou_per_image" in text and "(n=1)" in text and "% of SAM" in text and "peak MB" in text
+    assert sum(" *" in r for r in rows) >= 1  # the best is marked
+    csv = samfit("table", smoke_grid["out"], "--format", "csv", "--paper").stdout
+    assert csv.splitlines()[0].startswith("method,model,trainable,% of SAM,shapes iou_per_image")
+
+
+def test_plot_writes_pngs(smoke_grid, tmp_path):
+    proc = samfit("plot", smoke_grid["out"], "--out", tmp_path / "plots")
+    pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
+    assert pngs == ["shapes_iou_per_image_vs_params.png", "shapes_iou_per_image_vs_step_time.png"]
+    assert all((tmp_path / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert "wrote" in proc.stdout
+
+
+def test_changed_settings_are_refused_unless_overwrite(smoke_grid, tmp_path):
+    proc = samfit("grid", SMOKE, "--out", smoke_grid["out"], "--set", "limit_eval=3", "--dry-run",
+                  env=smoke_grid["env"])
+    assert "9 runs: 9 changed" in proc.stderr and "limit_eval 4 -> 3" in proc.stdout
+    proc = samfit("grid", SMOKE, "--out", smoke_grid["out"], "--set", "limit_eval=3", env=smoke_grid["env"],
+                  check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- failures, retries, SLURM through submitit's local executor ------------------------------------------
+
+def test_failed_run_is_retried_then_recorded(tmp_path):
+    grid = write_grid(tmp_path / "fail.yaml", {"defaults": {**TINY, "limit_train": 2},  # < one optimiser step
+                                               "axes": {"method": ["lora"]}})
+    proc = samfit("grid", grid, "--out", tmp_path / "runs", "--retries", "1", env=_env(tmp_path / "data"),
+                  check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "1 of 1 runs failed" in proc.stderr and "fewer than one optimiser step" in proc.stderr
+    run = json.loads((tmp_path / "runs" / "grid.json").read_text())["runs"][0]
+    assert run["state"] == "failed" and run["attempts"] == 2 and "optimiser step" in run["error"]
+    status = json.loads((tmp_path / "runs" / "shapes_lora_tiny_64_s0" / "status.json").read_text())
+    assert status["status"] == "failed" and "optimiser step" in status["error"]
+
+
+def test_slurm_launcher_with_submitits_local_executor(tmp_path):
+    grid = write_grid(tmp_path / "two.yaml", {"defaults": TINY, "axes": {"method": ["lora", "decoder-only"]}})
+    env = _env(tmp_path / "data")
+    samfit("grid", grid, "--out", tmp_path / "runs", "--launcher", "slurm", "--slurm-cluster", "local",
+           "--gpus-per-task", "0", "--cpus-per-task", "1", env=env)
+    for method in ("lora", "decoder-only"):
+        assert (tmp_path / "runs" / f"shapes_{method}_tiny_64_s0" / "metrics.json").is_file()
+    assert list((tmp_path / "runs" / ".grid" / "slurm").glob("*/*_submission.sh")) or \
+        list((tmp_path / "runs" / ".grid" / "slurm").glob("*/*.pkl"))
+    again = samfit("grid", grid, "--out", tmp_path / "runs", "--launcher", "slurm", "--slurm-cluster", "local", env=env)
+    assert "Nothing to run" in again.stderr
+
+
+def test_slurm_without_sbatch_says_so(tmp_path, monkeypatch):
+    from samfit.launch.slurm import SlurmOptions, make_executor
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SamfitError, match="sbatch"):
+        make_executor(tmp_path, SlurmOptions(), "x")
