@@ -95,3 +95,22 @@ def test_gradients_and_frozen_weights(method):
             assert torch.equal(p, frozen[n]), f"frozen {n} changed"
     for n, b in model.named_buffers():
         assert torch.equal(b, buffers[n]), f"buffer {n} changed"
+
+
+@pytest.mark.parametrize("method", ORDER)
+def test_trains_two_steps_on_vit_b_at_256(method):
+    torch.manual_seed(0)
+    model = samfit.get_method(method).apply(samfit.build_model("vit_b", image_size=256)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    x = torch.randn(1, 3, 256, 256)
+    y = (torch.rand(1, 1, 256, 256) > 0.7).float()
+    for _ in range(2):
+        opt.zero_grad()
+        out = model(x)
+        loss = structure_loss(out["logits"], y) + out["aux_loss"]
+        assert torch.isfinite(loss)
+        loss.backward()
+        opt.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))

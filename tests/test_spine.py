@@ -83,3 +83,15 @@ def test_vit_run_without_weights_names_the_download_command(tmp_path, data_root,
     monkeypatch.setenv("SAMFIT_CHECKPOINTS", str(tmp_path / "none"))
     with pytest.raises(samfit.SamfitError, match="samfit weights download vit_b"):
         _quick(tmp_path, data_root, model="vit_b", image_size=256)
+
+
+@pytest.mark.parametrize("method", ["decoder-only", "lora"])
+def test_learns_shapes_well_beyond_predicting_all_foreground(method, tmp_path, data_root):
+    import cv2
+    import numpy as np
+
+    folder = _quick(tmp_path, data_root, method=method, epochs=8, limit_train=None, limit_eval=None)
+    m = json.loads((folder / "metrics.json").read_text())
+    masks = sorted((data_root / "shapes" / "test" / "masks").glob("*.png"))
+    all_foreground = np.mean([(cv2.imread(str(p), 0) > 127).mean() for p in masks])  # IoU of predicting 1 everywhere
+    assert m["scores"]["test"]["iou_per_image"] > 2.5 * all_foreground, (m["scores"], all_foreground)
