@@ -1,4 +1,6 @@
 """Distributed training: 2 CPU processes (gloo, under torchrun) give the 1-process run's result."""
+import csv
+import io
 import json
 import os
 import subprocess
@@ -77,8 +79,10 @@ def test_two_processes_equal_one_process(tmp_path, data_root):
     worst = max((p1[k] - p2[k]).abs().max().item() for k in p1)
     assert worst < PARAM_TOLERANCE
     assert max((p1[k] - _trainable(one)[k]).abs().max().item() for k in p1) == 0
-    h1, h2 = ((f / "history.csv").read_text().splitlines() for f in (one, two))
-    assert [r.split(",")[-1] for r in h1] == [r.split(",")[-1] for r in h2]  # validation scores per epoch
+    h1, h2 = (list(csv.DictReader(io.StringIO((f / "history.csv").read_text()))) for f in (one, two))
+    for a, b in zip(h1, h2, strict=True):  # per epoch: the same validation score and (rank-averaged) loss
+        assert float(a["val_iou_per_image"]) == pytest.approx(float(b["val_iou_per_image"]), abs=SCORE_TOLERANCE)
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-5)
     # rank 0 alone wrote the folder: one status, no lock left, no stray temporary files
     assert json.loads((two / "status.json").read_text())["status"] == "done"
     assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "config.yaml", "history.csv", "metrics.json",
