@@ -238,3 +238,17 @@ def test_slurm_without_sbatch_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(SamfitError, match="sbatch"):
         make_executor(tmp_path, SlurmOptions(), "x")
+
+
+def test_workers_are_pinned_to_one_gpu_or_the_cpu(monkeypatch):
+    from samfit.launch import parse_gpus
+    from samfit.launch.local import slot_env
+
+    assert parse_gpus("0,1, 3") == ["0", "1", "3"] and parse_gpus("cpu") == []
+    with pytest.raises(SamfitError, match="GPU indices"):
+        parse_gpus("first")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert slot_env("3", jobs=8)["CUDA_VISIBLE_DEVICES"] == "3"
+    cpu = slot_env(None, jobs=2)
+    assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+    assert slot_env(None, jobs=2)["SAMFIT_GRID_PARENT"] == str(os.getpid())

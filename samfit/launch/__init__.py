@@ -3,6 +3,7 @@ a local pool of worker processes (local.py) or as a SLURM job array through subm
 the entry point each run's process executes."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -17,15 +18,18 @@ STATE_STYLE = {"new": "white", "done": "green", "partial": "yellow", "failed": "
 
 
 def parse_gpus(gpus: str | None) -> list[str]:
-    """'0,1,2' -> ['0', '1', '2']; 'cpu' or '' -> [] (CPU workers); None -> every visible CUDA device."""
+    """'0,1,2' -> ['0', '1', '2'] (CUDA_VISIBLE_DEVICES values: indices or GPU-/MIG- UUIDs); 'cpu' -> [] (CPU
+    workers); None -> every GPU this process may use (the entries of its own CUDA_VISIBLE_DEVICES, if set)."""
     if gpus is None:
         import torch
 
-        return [str(i) for i in range(torch.cuda.device_count())]
+        count = torch.cuda.device_count()
+        visible = [g.strip() for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+        return visible[:count] if visible else [str(i) for i in range(count)]
     if gpus.strip().lower() in ("", "cpu", "none"):
         return []
     items = [g.strip() for g in gpus.split(",") if g.strip()]
-    if not all(g.isdigit() for g in items):
+    if not all(g.isdigit() or g.startswith(("GPU-", "MIG-")) for g in items):
         raise SamfitError(f"--gpus {gpus!r}: give GPU indices separated by commas (e.g. 0,1,2,3), or 'cpu'.")
     return items
 

@@ -46,7 +46,8 @@ def outcome(run: PlannedRun, returncode: int, log) -> tuple[str, str | None]:
     else:
         error = f"worker exited with code {returncode}; log tail:\n{tail(log)}"
     owner = lock_owner(run.run_dir)
-    if status.get("status") != "failed" and run.run_dir.is_dir() and (owner is None or not alive_here(*owner)):
+    recorded = status.get("status") in ("failed", "interrupted")  # the run wrote its own error
+    if not recorded and run.run_dir.is_dir() and (owner is None or not alive_here(*owner)):
         rundir.set_status(run.run_dir, "failed", error=error)
     return "failed", error
 
@@ -105,5 +106,7 @@ def run_local(runs: list[PlannedRun], jobs: int, gpus: list[str] | None, retries
             for run in runs:
                 if run.state == "queued":
                     run.state = "not started"
+            console.print("Interrupted: the running runs saved their progress. Run the same `samfit grid` command "
+                          "again to continue; finished runs are skipped.")
             raise
     return runs
