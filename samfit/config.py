@@ -39,7 +39,8 @@ class RunConfig:
     data_root: str | None = None
     skip_bad: bool = False
     detect_anomaly: bool = False
-    cache_embeddings: str = "auto"  # decoder-only: auto | on | off
+    cache_embeddings: str = "auto"  # frozen plain encoder (decoder-only): auto | on | off
+    cache_max_mb: int = 4096  # RAM the embedding cache may take (auto: train uncached above it; on: error)
     out: str = "results"
     name: str | None = None
 

@@ -7,17 +7,50 @@ import time
 
 import torch
 
+_cpu_baseline_kb: int | None = None
+
+
+def _rss_kb(field: str) -> int | None:
+    """VmRSS / VmHWM of this process from /proc (Linux), in kB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
 
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a peak-memory measurement. CUDA: reset the max-allocated counter. CPU: remember the current
+    resident set size as the baseline and reset the process's RSS high-water mark (/proc/self/clear_refs),
+    so the peak counts what the work after this call needs, not the model built before it."""
+    global _cpu_baseline_kb
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    _cpu_baseline_kb = _rss_kb("VmRSS")
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max allocated since the last reset. CPU: the process's peak resident set size (ru_maxrss)."""
+    """CUDA: max allocated since the last reset. CPU: peak resident set size since the last reset above the
+    RSS at the reset (without a reset: the process's whole peak RSS). Where the high-water mark cannot be
+    reset (not Linux), the process's lifetime peak (ru_maxrss) stands in for it."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_kb = _rss_kb("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(0, peak_kb - (_cpu_baseline_kb or 0)) / 1024
+
+
+def peak_memory_kind(device: torch.device) -> str:
+    """What peak_memory_mb measures, for the record."""
+    return "cuda_max_allocated" if device.type == "cuda" else "cpu_peak_rss_above_baseline"
 
 
 def synchronize(device: torch.device) -> None:

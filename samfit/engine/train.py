@@ -27,11 +27,14 @@ import samfit
 from samfit.config import RunConfig
 from samfit.data import SegmentationFolder, ensure_available, resolve_dataset, split_pairs
 from samfit.engine import distributed, rundir
+from samfit.engine.cache import prepare_cache
 from samfit.engine.evaluate import evaluate
-from samfit.engine.profile import Timer, peak_memory_mb, reset_peak_memory
+from samfit.engine.profile import Timer, peak_memory_kind, peak_memory_mb, reset_peak_memory
 from samfit.errors import SamfitError
 from samfit.losses import get_loss, mask_classification_loss, semantic_targets
 from samfit.methods.base import get_method
+from samfit.model.attention import set_attention
+from samfit.model.checkpointing import set_grad_checkpoint
 from samfit.model.sam import sam_total_parameters
 
 console = Console(stderr=True)
@@ -96,13 +99,31 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields `indices`, which the loop sets every epoch: one DataLoader (and its persistent workers) serves
+    every epoch in `epoch_order`."""
+
+    def __init__(self):
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def flip_choices(n: int, seed: int, epoch: int, batch: int, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """(n,) bool: which images of the batch flip_batch flips (the embedding cache replays the same choices)."""
+    g = torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_000_003 + batch)
+    return torch.rand(n * part[1], generator=g)[part[0] * n:(part[0] + 1) * n] < 0.5
+
+
 def flip_batch(images, targets, seed: int, epoch: int, batch: int, part: tuple[int, int] = (0, 1)):
     """Horizontal flip with p=0.5 per image, from a generator seeded by (seed, epoch, batch). `part` =
     (rank, world): the images are share `rank` of a micro-batch of `world` equal shares (distributed.py), and
     get the flips the whole micro-batch gets in one process."""
-    g = torch.Generator().manual_seed((seed * 100_003 + epoch) * 1_000_003 + batch)
-    n = images.shape[0]
-    flip = torch.rand(n * part[1], generator=g)[part[0] * n:(part[0] + 1) * n] < 0.5
+    flip = flip_choices(images.shape[0], seed, epoch, batch, part)
     images, targets = images.clone(), targets.clone()
     images[flip] = images[flip].flip(-1)
     targets[flip] = targets[flip].flip(-1)
@@ -185,6 +206,7 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
     model = samfit.build_model(cfg.model, num_classes=spec.num_classes, image_size=cfg.image_size,
                                checkpoint=checkpoint)
     method.apply(model)
+    set_grad_checkpoint(set_attention(model, cfg.attention), cfg.grad_checkpoint)
     model.to(device)
     counts = samfit.count_parameters(model)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -227,6 +249,13 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
     previous_handler = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     train_timer = Timer(device)
     reset_peak_memory(device)
+    cache, cache_report = prepare_cache(cfg, model, train_set, val_set, dist.local_batch(cfg.batch_size), device,
+                                        autocast, log=console.print if not quiet else lambda *_: None)
+    forward = cache.model if cache else model  # a cached run feeds embeddings to the decoder
+    sampler = EpochSampler()
+    loader = DataLoader(train_set, batch_size=dist.local_batch(cfg.batch_size), sampler=sampler,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.num_workers > 0)
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                TextColumn("{task.fields[info]}")]
     started = time.time()
@@ -234,25 +263,26 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
         with Progress(*columns, console=console, disable=quiet, transient=True) as progress:
             epochs_task = progress.add_task("epochs", total=cfg.epochs, completed=state["epoch"], info="")
             while state["epoch"] < cfg.epochs:
-                epoch = state["epoch"]
+                epoch, epoch_started = state["epoch"], time.perf_counter()
                 model.train()
                 order = epoch_order(len(train_set), cfg.seed, epoch)[:batches_per_epoch * cfg.batch_size]
                 start = state["batch"] * cfg.batch_size
-                loader = DataLoader(torch.utils.data.Subset(train_set, dist.shard(order[start:], cfg.batch_size)),
-                                    batch_size=dist.local_batch(cfg.batch_size), num_workers=cfg.num_workers,
-                                    pin_memory=device.type == "cuda")
+                sampler.indices = dist.shard(order[start:], cfg.batch_size)
+                first = state["batch"]
+                flips = (lambda i, n: flip_choices(n, cfg.seed, epoch, first + i, dist.part)) if cfg.flip else None
+                batches = cache.batches(sampler.indices, dist.local_batch(cfg.batch_size), flips) if cache else loader
                 batch_task = progress.add_task(f"epoch {epoch + 1}", total=steps_per_epoch * accum,
                                                completed=state["batch"], info="")
-                for images, targets, _ in loader:
+                for images, targets, _ in batches:
                     b = state["batch"]
                     if b >= steps_per_epoch * accum:
                         break
-                    if cfg.flip:
+                    if cfg.flip and not cache:
                         images, targets = flip_batch(images, targets, cfg.seed, epoch, b, part=dist.part)
                     with train_timer, torch.autograd.set_detect_anomaly(cfg.detect_anomaly):
                         images, targets = images.to(device, non_blocking=True), targets.to(device)
                         with autocast():
-                            out = model(images)
+                            out = forward(images)
                             loss = task_loss(out, targets, spec, cfg.loss) + out["aux_loss"].float()
                         if not torch.isfinite(loss):
                             raise SamfitError(
@@ -282,8 +312,9 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
                             f"Interrupted. Progress saved in {last_ckpt}; continue with the same command "
                             f"plus --resume.")
                 progress.remove_task(batch_task)
-                scores, _ = evaluate(model, val_set, spec, cfg, device, autocast, progress=progress,
-                                     label=f"validate ({spec.selection_split})", **dist.eval_args(len(val_set)))
+                scores, _ = evaluate(forward, cache.val if cache else val_set, spec, cfg, device, autocast,
+                                     progress=progress, label=f"validate ({spec.selection_split})",
+                                     **dist.eval_args(len(val_set)))
                 value = scores[spec.headline]
                 improved = state["best"] is None or (value < state["best"] if spec.lower_is_better
                                                      else value > state["best"])
@@ -291,7 +322,8 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
                     state["best"], state["best_epoch"] = value, epoch + 1
                     rundir.save_torch(run_dir / "checkpoints" / "best.pt", trainable_state(model))
                 state["history"].append({"epoch": epoch + 1, "step": state["step"], "loss": dist.mean(loss.item()),
-                                         "lr": scheduler.get_last_lr()[0], f"val_{spec.headline}": value})
+                                         "lr": scheduler.get_last_lr()[0], f"val_{spec.headline}": value,
+                                         "epoch_time_s": time.perf_counter() - epoch_started})
                 state["epoch"], state["batch"] = epoch + 1, 0
                 save_state()
                 rundir.write_text(run_dir / "history.csv", _csv(state["history"]))
@@ -323,7 +355,9 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
         "method_args": method.describe(),
         "throughput": {"train_img_per_s": dist.images_per_s(train_timer), "eval_img_per_s":
                        eval_images / eval_time if eval_time else math.nan, "step_time_s": train_timer.median},
-        "peak_memory_mb": dist.max(peak_memory_mb(device)), "processes": dist.world,
+        "peak_memory_mb": dist.max(peak_memory_mb(device)), "peak_memory_kind": peak_memory_kind(device),
+        "attention": cfg.attention, "grad_checkpoint": cfg.grad_checkpoint, "embedding_cache": cache_report,
+        "processes": dist.world,
         "train_images": len(train_set), "skipped_bad": len(train_set.skipped) + len(val_set.skipped),
         "wall_time_s": time.time() - started, "versions": versions(),
     }
