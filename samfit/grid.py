@@ -211,7 +211,10 @@ def load_grid(path: str | Path, out: str | None = None, overrides: dict | None =
 
 
 def comparable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in IGNORED_IN_COMPARISON}
+    """A config as compared with a run folder's config.yaml: a field missing from an older config.yaml has its
+    default (it did not exist when that run was made), fields no longer in RunConfig and `out` are left out."""
+    full = {**RunConfig().to_dict(), **{k: v for k, v in config.items() if k in FIELDS}}
+    return {k: v for k, v in full.items() if k not in IGNORED_IN_COMPARISON}
 
 
 def lock_owner(run_dir: Path) -> tuple[str, int] | None:
@@ -261,11 +264,10 @@ def inspect(cfg: RunConfig) -> PlannedRun:
         saved = yaml.safe_load(config_file.read_text()) or {}
     except (yaml.YAMLError, OSError):
         saved = {}
-    if comparable(saved) != comparable(cfg.to_dict()):
-        diff = sorted(k for k in set(saved) | set(cfg.to_dict())
-                      if k not in IGNORED_IN_COMPARISON and saved.get(k) != cfg.to_dict().get(k))
+    old, new = comparable(saved), comparable(cfg.to_dict())
+    if old != new:
         return PlannedRun(cfg, "changed", "settings differ: " + ", ".join(
-            f"{k} {saved.get(k)!r} -> {cfg.to_dict().get(k)!r}" for k in diff))
+            f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(new) if old[k] != new[k]))
     if (folder / "metrics.json").is_file():
         return PlannedRun(cfg, "done")
     has_ckpt = (folder / "checkpoints" / "last.pt").is_file()

@@ -252,3 +252,17 @@ def test_workers_are_pinned_to_one_gpu_or_the_cpu(monkeypatch):
     cpu = slot_env(None, jobs=2)
     assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
     assert slot_env(None, jobs=2)["SAMFIT_GRID_PARENT"] == str(os.getpid())
+
+
+def test_a_finished_run_from_before_a_new_setting_still_counts_as_done(tmp_path):
+    g = load_grid(SMOKE, out=str(tmp_path))
+    cfg = g.runs[0]
+    folder = Path(cfg.out) / cfg.name
+    folder.mkdir(parents=True)
+    saved = {k: v for k, v in cfg.to_dict().items() if k != "cache_embeddings"}  # written by an older samfit
+    (folder / "config.yaml").write_text(yaml.safe_dump({**saved, "retired_option": 1}))
+    (folder / "metrics.json").write_text("{}")
+    assert inspect(cfg).state == "done"
+    (folder / "config.yaml").write_text(yaml.safe_dump({**saved, "epochs": 5}))
+    run = inspect(cfg)
+    assert run.state == "changed" and run.detail == "settings differ: epochs 5 -> 1"
