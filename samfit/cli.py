@@ -188,6 +188,39 @@ def grid(
 
 
 @app.command()
+def bench(
+    methods: str = typer.Option("all", help="Comma-separated methods, 'all', or 'none' (with --data)."),
+    model: str = typer.Option("vit_b", help="vit_b | vit_l | vit_h | tiny (random weights: speed, memory)."),
+    image_size: int = typer.Option(256, help="Input size, a multiple of 16."),
+    batch: int = typer.Option(2, help="Images per step."),
+    steps: int = typer.Option(10, help="Timed training steps and evaluation batches per configuration."),
+    warmup: int = typer.Option(2, help="Untimed steps per configuration first."),
+    out: str = typer.Option("results/bench", help="Folder for bench.json, bench_meta.json, bench.md."),
+    attention: str = typer.Option("sdpa", help="sdpa | reference, or both: sdpa,reference."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 | auto, or several, comma-separated."),
+    grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Checkpoint every encoder block."),
+    compare_grad_checkpoint: bool = typer.Option(False, "--compare-grad-checkpoint",
+                                                 help="Measure every configuration with and without it."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    memory: bool = typer.Option(True, "--memory/--no-memory", help="Peak memory (a subprocess per row)."),
+    data: Optional[str] = typer.Option(None, help="Also time the input pipeline on this dataset's training split."),
+    num_workers: int = typer.Option(2, help="DataLoader workers for --data."),
+    data_batches: int = typer.Option(20, help="Batches timed for --data."),
+    data_root: Optional[str] = typer.Option(None, help="Data root (default: $SAMFIT_DATA)."),
+):
+    """Time training steps, evaluation and peak memory of methods side by side (interleaved), with ratios to
+    LoRA; optionally the data pipeline's images/s."""
+    from samfit.engine.bench import bench as run_bench
+
+    checkpoint = "off,on" if compare_grad_checkpoint else ("on" if grad_checkpoint else "off")
+    path, text = run_bench(methods, model, image_size, batch, steps, out, warmup, attention, precision, checkpoint,
+                           device, memory, data, num_workers, data_batches, data_root,
+                           log=lambda msg: err.print(msg))
+    sys.stdout.write(text)
+    err.print(f"[green]wrote[/] {path.parent}")
+
+
+@app.command()
 def methods(
     model: str = typer.Option("vit_b", help="vit_b | vit_l | vit_h | tiny"),
     num_classes: int = typer.Option(1, help="1 = binary head; >1 = mask-classification head."),

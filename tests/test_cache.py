@@ -25,8 +25,8 @@ def one_thread():
 
 def _run(tmp_path, data_root, name, **kw):
     settings = dict(method="decoder-only", dataset="shapes", epochs=2, limit_train=8, limit_eval=3, batch_size=2,
-                    effective_batch=4, image_size=64, out=str(tmp_path / "runs"), data_root=str(data_root), device="cpu",
-                    name=name)
+                    effective_batch=4, image_size=64, out=str(tmp_path / "runs"), data_root=str(data_root),
+                    device="cpu", name=name)
     settings.update(kw)
     folder = run(make_config(**settings), quiet=True)
     return folder, json.loads((folder / "metrics.json").read_text())
