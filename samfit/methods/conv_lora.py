@@ -148,7 +148,9 @@ class ConvLoRALinear(nn.Module):
         order = torch.argsort(expert_of, stable=True)
         samples = torch.arange(n, device=z.device).repeat_interleave(k)[order]
         gate = weights.reshape(-1)[order].to(z.dtype)
-        counts = torch.bincount(expert_of, minlength=len(self.experts)).tolist()
+        # scatter_add, not bincount: bincount reads the largest index back to the host (a second sync)
+        counts = torch.zeros(len(self.experts), dtype=torch.long, device=z.device).scatter_add_(
+            0, expert_of, torch.ones_like(expert_of)).tolist()
         out = torch.zeros_like(z)
         for expert, rows, row_gate in zip(self.experts, samples.split(counts), gate.split(counts)):
             if rows.numel():
