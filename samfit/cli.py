@@ -207,6 +207,7 @@ def bench(
     num_workers: int = typer.Option(2, help="DataLoader workers for --data."),
     data_batches: int = typer.Option(20, help="Batches timed for --data."),
     data_root: Optional[str] = typer.Option(None, help="Data root (default: $SAMFIT_DATA)."),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads (default: torch's)."),
 ):
     """Time training steps, evaluation and peak memory of methods side by side (interleaved), with ratios to
     LoRA; optionally the data pipeline's images/s."""
@@ -214,7 +215,7 @@ def bench(
 
     checkpoint = "off,on" if compare_grad_checkpoint else ("on" if grad_checkpoint else "off")
     path, text = run_bench(methods, model, image_size, batch, steps, out, warmup, attention, precision, checkpoint,
-                           device, memory, data, num_workers, data_batches, data_root,
+                           device, memory, data, num_workers, data_batches, data_root, threads=threads,
                            log=lambda msg: err.print(msg))
     sys.stdout.write(text)
     err.print(f"[green]wrote[/] {path.parent}")

@@ -101,3 +101,29 @@ def test_bench_cli(tmp_path):
     assert all(r["peak_memory_mb"] is None for r in records)
     assert records[2]["step_time_s_vs_lora"] == 1.0  # LoRA with the first listed settings is the baseline
     assert "| conv-lora | reference | fp32 | on |" in proc.stdout
+
+
+def test_conv_lora_hot_path_has_no_per_sample_loop_and_one_host_read_per_layer(monkeypatch):
+    """Conv-LoRA's dispatch runs each expert once on all grids routed to it (the number of convolutions does
+    not grow with the batch) and reads one small tensor back to the host per layer (the per-expert counts);
+    no op that syncs with the device on CUDA (bincount, nonzero, unique, masked_select) is on the path."""
+    import samfit
+    from torch.profiler import profile
+
+    model = samfit.get_method("conv-lora").apply(samfit.build_model("tiny", image_size=64))
+    model.train()
+    layers = sum(type(m).__name__ == "ConvLoRALinear" for m in model.modules())
+    reads = []
+    for name in ("tolist", "item"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _o=original, _n=name: reads.append(_n) or _o(self))
+    for batch in (1, 16):
+        reads.clear()
+        with profile() as prof:
+            out = model(torch.randn(batch, 3, 64, 64))
+            (out["logits"].mean() + out["aux_loss"]).backward()
+        ops = {e.key: e.count for e in prof.key_averages()}
+        assert len(reads) == layers, reads
+        assert not {"aten::bincount", "aten::nonzero", "aten::unique", "aten::_unique2", "aten::masked_select"} & set(ops)
+        # SAM's own convolutions (patch embedding, neck) + at most one per expert and layer, not one per sample
+        assert ops["aten::conv2d"] <= 3 + 8 * layers < 3 + 16 * layers

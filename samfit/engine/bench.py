@@ -327,15 +327,21 @@ def _choices(option: str, text: str, allowed: tuple[str, ...]) -> list[str]:
 def bench(methods: str, model: str, image_size: int, batch: int, steps: int, out: str | Path, warmup: int = 2,
           attention: str = "sdpa", precision: str = "fp32", grad_checkpoint: str = "off", device: str = "auto",
           memory: bool = True, data: str | None = None, num_workers: int = 2, data_batches: int = 20,
-          data_root: str | None = None, datasets_file: str | None = None, log=print) -> tuple[Path, str]:
+          data_root: str | None = None, datasets_file: str | None = None, threads: int | None = None,
+          log=print) -> tuple[Path, str]:
     """`samfit bench`: measure, write DIR/bench.json, bench_meta.json, data.json, bench.md; returns (path, text).
     attention, precision and grad_checkpoint ("off", "on" or "off,on") may list several values: every
-    combination is measured in the same round-robin."""
+    combination is measured in the same round-robin. `threads` sets torch's intra-op threads (on a CPU shared
+    with other work, fewer threads than cores avoids OpenMP threads waiting for each other)."""
     from samfit.engine.train import pick_device, resolve_precision
     from samfit.model.sam import check_image_size, get_variant
 
     get_variant(model)
     check_image_size(image_size)
+    if threads is not None:
+        if threads < 1:
+            raise SamfitError(f"--threads {threads}: must be >= 1.")
+        torch.set_num_threads(threads)
     dev = pick_device(device)
     shape = Shape(model, image_size, batch, dev.type)
     attentions = _choices("--attention", attention, ("sdpa", "reference"))
