@@ -228,6 +228,8 @@ def methods(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """List the PEFT methods with their trainable parameter counts on MODEL."""
+    import torch
+
     import samfit
     from samfit.model.sam import sam_total_parameters
 
@@ -235,7 +237,8 @@ def methods(
     rows = []
     for name in samfit.list_methods():
         method = samfit.get_method(name)
-        net = method.apply(samfit.build_model(model, num_classes=num_classes, image_size=256))
+        with torch.device("meta"):  # counting needs shapes only
+            net = method.apply(samfit.build_model(model, num_classes=num_classes, image_size=256))
         counts = samfit.count_parameters(net)
         rows.append({"method": name, **counts, "percent_of_sam": 100 * counts["trainable"] / sam_total,
                      "hyperparameters": method.describe(), "identical_at_init": method.identical_at_init,

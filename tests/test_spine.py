@@ -12,10 +12,11 @@ from samfit.engine.train import run
 
 
 def test_lora_counts_match_the_paper_on_vit_b_and_vit_h():
-    b = samfit.get_method("lora").apply(samfit.build_model("vit_b", image_size=256))
+    b = samfit.get_method("lora").apply(samfit.build_model("vit_b", image_size=256))  # real init for vit_b
     assert samfit.count_parameters(b)["trainable"] == 3_616_128
     assert samfit.count_parameters(b)["encoder_trainable"] == 110_592
-    h = samfit.get_method("lora").apply(samfit.build_model("vit_h", image_size=256))
+    with torch.device("meta"):
+        h = samfit.get_method("lora").apply(samfit.build_model("vit_h", image_size=256))
     assert samfit.count_parameters(h)["trainable"] == 3_997_056
 
 

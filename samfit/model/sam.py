@@ -90,8 +90,9 @@ def build_sam_parts(variant: str, image_size: int, num_mask_tokens: int = 1):
 
 
 def sam_total_parameters(variant: str) -> int:
-    """Parameter count of the complete original SAM (the denominator of '% of SAM')."""
-    encoder, prompt, decoder = build_sam_parts(variant, 64 if variant == "tiny" else 1024, 4)
+    """Parameter count of the complete original SAM (the denominator of '% of SAM'); built on the meta device."""
+    with torch.device("meta"):
+        encoder, prompt, decoder = build_sam_parts(variant, 64 if variant == "tiny" else 1024, 4)
     iou_head = 256 * 256 * 2 + 256 * 2 + 256 * 4 + 4  # MLP(256, 256, 4, depth 3)
     return sum(p.numel() for m in (encoder, prompt, decoder) for p in m.parameters()) + iou_head
 
