@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=15 tests
 
 smoke: install
 	$(SAMFIT) run --method lora --dataset shapes --model tiny --device cpu --out results/smoke
