@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from pathlib import Path
 import yaml
 
 from samfit.config import RunConfig
+from samfit.engine import rundir
 from samfit.errors import SamfitError, closest
 
 TOP_KEYS = ("name", "description", "out", "defaults", "axes", "overrides", "exclude")
@@ -232,18 +232,11 @@ def alive_here(host: str, pid: int) -> bool | None:
     """True/False for a process on this host; None when the owner is on another host (cannot tell)."""
     if host != socket.gethostname():
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return rundir.pid_alive(pid)
 
 
 def inspect(cfg: RunConfig) -> PlannedRun:
     """What is on disk for this run: done, partial (resumable), failed, changed (other settings), busy, new."""
-    from samfit.engine import rundir
 
     folder = Path(cfg.out) / cfg.name
     config_file = folder / "config.yaml"
@@ -318,7 +311,6 @@ def other_settings(cfg: RunConfig) -> str:
 
 def write_summary(out_dir: str | Path, grid: Grid, runs: list[PlannedRun]) -> Path:
     """<out>/grid.json: each run's state, attempts, error and duration in the last `samfit grid` call."""
-    from samfit.engine import rundir
 
     path = Path(out_dir) / "grid.json"
     rundir.write_json(path, {

@@ -86,7 +86,8 @@ def read_status(run_dir: Path) -> dict:
     return read_json(path) if path.is_file() else {"status": "new"}
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -114,7 +115,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 host, _, pid = self.path.read_text().strip().partition(" ")
-                if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
                     warnings.warn(f"Taking over stale lock {self.path} of dead process {pid}.", stacklevel=2)
                     self.path.unlink(missing_ok=True)
                     continue
