@@ -243,7 +243,7 @@ def markdown(records: list[dict], meta: dict, data: dict | None = None) -> str:
     if records:
         m = meta["machine"]
         lines += [f"# samfit bench: {meta['model']}, {meta['image_size']} px, batch {meta['batch']}, {meta['device']}",
-                  "", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+                  "", f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} thread(s))"
                   + (f", GPU {m['gpu']}" if "gpu" in m else "") + f". Load average (1, 5, 15 min) before "
                   f"{meta['load_before']}, after {meta['load_after']}. {meta['steps']} timed steps after "
                   f"{meta['warmup']} warm-up steps, round-robin; step time is the median. Peak memory: "
