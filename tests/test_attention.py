@@ -111,3 +111,27 @@ def test_sdpa_under_bf16_autocast_on_cpu():
         ref = set_attention(model, "reference")(images)["logits"]
     assert torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 0.1
+
+
+def test_sdpa_avoids_the_upcasting_math_fallback_for_16_bit_cpu_training():
+    """On CPU a bias that needs a gradient has no fused kernel, and the math fallback computes 16-bit inputs
+    in fp32; there sdpa mode uses the explicit form. fp32 training and 16-bit inference keep sdpa."""
+    from torch.profiler import profile
+
+    model = set_attention(_model("lora", 96), "sdpa")
+    images = torch.randn(1, 3, 96, 96)
+
+    def ops(precision, grad):
+        with profile() as prof, torch.set_grad_enabled(grad), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            model(images)
+        return {e.key for e in prof.key_averages()}
+
+    assert "aten::scaled_dot_product_attention" not in ops("bf16", grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the explicit form is SAM's own computation
+        out = model(images)["logits"]
+        ref = set_attention(model, "reference")(images)["logits"]
+    assert torch.equal(out, ref)
+    set_attention(model, "sdpa")
+    assert "aten::scaled_dot_product_attention" in ops("bf16", grad=False)
+    assert "aten::scaled_dot_product_attention" in ops("fp32", grad=True)
