@@ -23,12 +23,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _run(tmp_path, data_root, name, **kw):
+def _run(tmp_path, data_root, name, resume=False, **kw):
     settings = dict(method="decoder-only", dataset="shapes", epochs=2, limit_train=8, limit_eval=3, batch_size=2,
                     effective_batch=4, image_size=64, out=str(tmp_path / "runs"), data_root=str(data_root),
                     device="cpu", name=name)
     settings.update(kw)
-    folder = run(make_config(**settings), quiet=True)
+    folder = run(make_config(**settings), resume=resume, quiet=True)
     return folder, json.loads((folder / "metrics.json").read_text())
 
 
@@ -110,3 +110,26 @@ def test_cached_batches_replay_the_engines_flips():
         with torch.no_grad():
             assert torch.equal(emb, model.encode(x))
         assert torch.equal(tgt, y)
+
+
+def test_cached_run_interrupted_mid_epoch_resumes_to_the_same_scores(tmp_path, data_root, monkeypatch):
+    import os
+    import signal
+
+    from samfit.engine import train
+    from samfit.engine.train import Interrupted
+
+    _, plain = _run(tmp_path, data_root, "plain", epochs=2, effective_batch=2, cache_embeddings="off")
+    original = train.flip_choices
+
+    def interrupt_in_epoch_two(n, seed, epoch, batch, part=(0, 1)):
+        if epoch == 1 and batch == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the engine stops at the next optimiser step and saves
+        return original(n, seed, epoch, batch, part)
+
+    monkeypatch.setattr(train, "flip_choices", interrupt_in_epoch_two)
+    with pytest.raises(Interrupted):
+        _run(tmp_path, data_root, "resumed", epochs=2, effective_batch=2, cache_embeddings="on")
+    monkeypatch.setattr(train, "flip_choices", original)
+    _, resumed = _run(tmp_path, data_root, "resumed", resume=True, epochs=2, effective_batch=2, cache_embeddings="on")
+    assert resumed["scores"] == plain["scores"]
