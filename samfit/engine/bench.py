@@ -130,10 +130,16 @@ class Bench:
         with self.autocast():
             self.model(self.images)["logits"].float().sigmoid()
 
+    def run(self, kind: str) -> None:
+        if kind == "train":
+            self.train_step()
+        else:
+            self.eval_batch()
+
     def timed(self, kind: str) -> None:
         timer = self.train_timer if kind == "train" else self.eval_timer
         with timer:
-            self.train_step() if kind == "train" else self.eval_batch()
+            self.run(kind)
         timer.add_images(self.shape.batch)
 
     def record(self, peak_mb: float | None) -> dict:
@@ -152,7 +158,10 @@ def round_robin(benches: list[Bench], kind: str, rounds: int, timed: bool = True
     k = len(benches)
     for r in range(rounds):
         for bench in benches[r % k:] + benches[:r % k]:
-            bench.timed(kind) if timed else (bench.train_step() if kind == "train" else bench.eval_batch())
+            if timed:
+                bench.timed(kind)
+            else:
+                bench.run(kind)
 
 
 def measure_peak_memory(setting: Setting, shape: Shape, steps: int) -> float:
