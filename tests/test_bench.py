@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from samfit.engine import profile
-from samfit.engine.bench import Setting, Shape, add_ratios, bench, measure_peak_memory, round_robin
+from samfit.engine.bench import add_ratios, bench, round_robin
 from samfit.errors import SamfitError
 
 KEYS = {"method", "step_time_s", "train_img_per_s", "eval_img_per_s", "peak_memory_mb", "trainable_params",
@@ -75,8 +75,6 @@ def test_peak_memory_counts_the_work_after_the_reset_not_before():
     block = torch.ones(48 * 2**20 // 4)  # 48 MB after it
     assert profile.peak_memory_mb(device) >= 40
     del block
-    peak = measure_peak_memory(Setting("lora"), Shape("tiny", 64, 1, "cpu"), steps=1)
-    assert 0 < peak < 1000
 
 
 def test_bad_options_are_user_errors(tmp_path):
