@@ -1,6 +1,7 @@
 """Throughput and peak memory, measured the same way by `samfit run` and `samfit bench`."""
 from __future__ import annotations
 
+import ctypes
 import resource
 import statistics
 import time
@@ -22,6 +23,15 @@ def _rss_kb(field: str) -> int | None:
     return None
 
 
+def _release_free_heap() -> None:
+    """Give freed heap memory back to the OS (glibc malloc_trim), so that later allocations show in the RSS
+    instead of silently reusing resident free memory."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start a peak-memory measurement. CUDA: reset the max-allocated counter. CPU: remember the current
     resident set size as the baseline and reset the process's RSS high-water mark (/proc/self/clear_refs),
@@ -30,6 +40,7 @@ def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    _release_free_heap()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
