@@ -18,7 +18,6 @@ Extra parameters per layer beyond LoRA: 2·r·M (router) + M·(9r² + r) (expert
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 
 from samfit.errors import SamfitError
 from samfit.methods.base import Method, encoder_blocks, register_method
+from samfit.methods.lora import add_low_rank_factors
 
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
@@ -120,12 +120,7 @@ class ConvLoRALinear(nn.Module):
         scales = tuple(scales) if scales else tuple(range(1, experts + 1))
         if len(scales) != experts:
             raise SamfitError(f"Conv-LoRA has {experts} experts but {len(scales)} scales {scales}.")
-        self.base = base
-        self.rank = rank
-        self.scaling = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        add_low_rank_factors(self, base, rank, alpha)
         self.router = NoisyTopKRouter(rank, experts, top_k, noisy_gating, balance_weight)
         self.experts = nn.ModuleList(ConvExpert(rank, s) for s in scales)
         self.aux_loss: torch.Tensor | None = None

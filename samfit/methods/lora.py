@@ -15,17 +15,22 @@ from torch import nn
 from samfit.methods.base import Method, encoder_blocks, register_method
 
 
+def add_low_rank_factors(module: nn.Module, base: nn.Linear, rank: int, alpha: float) -> None:
+    """Give `module` the frozen `base` and LoRA's factors: A (r×d_in, kaiming-uniform), B (d_out×r, zero)."""
+    module.base = base
+    module.rank = rank
+    module.scaling = alpha / rank
+    module.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
+    module.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
+    nn.init.kaiming_uniform_(module.lora_A, a=math.sqrt(5))
+
+
 class LoRALinear(nn.Module):
     """Wrap a frozen nn.Linear with a trainable low-rank update (loralib's LoRALinear, as a wrapper)."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float):
         super().__init__()
-        self.base = base
-        self.rank = rank
-        self.scaling = alpha / rank
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        add_low_rank_factors(self, base, rank, alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + self.scaling * ((x @ self.lora_A.T) @ self.lora_B.T)
