@@ -35,5 +35,8 @@ uptime | tee "$OUT/load_start.txt"
 # decoder-only epochs with and without the embedding cache (samfit run, CPU)
 "$PY" benchmarks/bench_cache.py --out "$OUT/cache" ${THREADS:+--threads "$THREADS"}
 
+# the three exact attention forms per call (forward + backward), ViT-B shapes
+"$PY" benchmarks/bench_attention_forms.py ${THREADS:+--threads "$THREADS"} | tee "$OUT/attention_forms.md"
+
 uptime | tee "$OUT/load_end.txt"
 "$PY" benchmarks/bench_summary.py "$OUT"
