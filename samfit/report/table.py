@@ -30,7 +30,8 @@ def summarise(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
 
 
 def comparison_grid(summary: pd.DataFrame) -> pd.DataFrame:
-    """Wide table: one row per method (and model), one column per dataset/test set, best per column marked
+    """Wide table: one row per method (and model), one column per dataset/test set (mean ± sample std over
+    seeds, no ± for a single seed), best per column marked
     with '*' (when more than one method ran). Scores are shown as the paper prints them (`display_scale`);
     a method without runs on a dataset shows '—'."""
     best = {}
@@ -44,7 +45,8 @@ def comparison_grid(summary: pd.DataFrame) -> pd.DataFrame:
         for _, r in group.iterrows():
             col = (r["dataset"], r["test_set"], r["metric"])
             factor, digits = display_scale(r["metric"])
-            text = f"{r['mean'] * factor:.{digits}f} ± {r['std'] * factor:.{digits}f} (n={r['seeds']})"
+            spread = f" ± {r['std'] * factor:.{digits}f}" if r["seeds"] > 1 else ""  # no spread from one seed
+            text = f"{r['mean'] * factor:.{digits}f}{spread} (n={r['seeds']})"
             row[column_label(col)] = text + (" *" if r["mean"] == best[col] and summary["method"].nunique() > 1 else "")
         row["step s"] = round(float(group["step_time_s"].median()), 4)
         row["peak MB"] = round(float(group["peak_memory_mb"].median()), 1)
