@@ -90,6 +90,8 @@ def test_table_formats(runs):
     grid, _ = add_paper(comparison_grid(summary), summary, load_reference())
     assert "| conv-lora" in render(grid, "markdown") and "kvasir s_measure paper" in render(grid, "markdown")
     assert "\\toprule" in render(grid, "latex") and "s\\_measure paper" in render(grid, "latex")
+    latex = render(grid, "latex")
+    assert latex.isascii() and r"$\pm$" in latex and r"$\Delta$" in latex  # compiles without a Unicode set-up
     assert "<table>" in render(grid, "html")
     proc = cli("table", runs, "--format", "csv", "--paper")
     assert proc.returncode == 0, proc.stderr

@@ -73,8 +73,9 @@ def render(frame: pd.DataFrame, fmt: str) -> str:
         return tabulate(frame, headers="keys", tablefmt="github", showindex=False)
     if fmt == "csv":
         return frame.to_csv(index=False)
-    if fmt == "latex":
-        return tabulate(frame, headers="keys", tablefmt="latex_booktabs", showindex=False)
+    if fmt == "latex":  # tabulate escapes LaTeX's specials; the non-ASCII symbols become math / dashes
+        latex = tabulate(frame, headers="keys", tablefmt="latex_booktabs", showindex=False)
+        return latex.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("—", "---")
     if fmt == "html":
         return tabulate(frame, headers="keys", tablefmt="html", showindex=False)
     raise SamfitError(f"--format {fmt}: choose one of {', '.join(FORMATS)}.")
