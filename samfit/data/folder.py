@@ -115,3 +115,28 @@ def split_pairs(spec, folder: Path, split: str) -> list[tuple[Path, Path]]:
 
         return read_pairs_csv(spec.csv[split])
     return list_pairs(folder / split)
+
+
+def selection_pairs(spec, folder: Path) -> tuple[list, list, dict]:
+    """(training pairs, model-selection pairs, what the selection set is) for one run.
+
+    The dataset's val split when it has one (declared, or a val/ folder its preparation wrote); otherwise a
+    fixed share of train (`val_fraction`, default 0.1, at least one image) is held out: the same images for every method and seed
+    (a permutation seeded with 0 over the sorted pairs), and never a test set, so test scores stay unbiased."""
+    prepared_val = not spec.csv and "val" not in spec.test and (folder / "val" / "images").is_dir()
+    val = spec.val or ("val" if prepared_val else None)
+    train = split_pairs(spec, folder, spec.train)
+    if val:
+        return train, split_pairs(spec, folder, val), {"split": val}
+    held = max(1, round(spec.val_fraction * len(train)))
+    if held >= len(train):
+        raise SamfitError(
+            f"Dataset '{spec.name}' has no val split and {len(train)} training image(s): too few to hold out "
+            f"val_fraction={spec.val_fraction} of them to pick the best epoch on. Add a val split "
+            f"(<dataset>/val/images and masks) or more training images.")
+    by_name = sorted(train, key=lambda pair: pair[0].name)
+    picked = set(np.random.default_rng(0).permutation(len(by_name))[:held].tolist())
+    keep = [pair for i, pair in enumerate(by_name) if i not in picked]
+    holdout = [pair for i, pair in enumerate(by_name) if i in picked]
+    return keep, holdout, {"split": f"{spec.train} (held out)", "held_out": held,
+                           "val_fraction": spec.val_fraction}

@@ -31,6 +31,7 @@ class DatasetSpec:
                                                           "dice_dataset"])
     headline: str = "iou_per_image"
     lower_is_better: bool = False
+    val_fraction: float = 0.1  # without a val split: share of train held out to pick the best checkpoint
     loss: str = "structure"
     epochs: int = 20
     lr: float = 1e-4
@@ -49,10 +50,6 @@ class DatasetSpec:
     def eval_splits(self) -> list[str]:
         return list(self.test)
 
-    @property
-    def selection_split(self) -> str:
-        """The split whose headline metric picks the best checkpoint (val, else the first test set)."""
-        return self.val or self.test[0]
 
 
 def data_root(override: str | Path | None = None) -> Path:
@@ -103,9 +100,10 @@ def _spec_from_folder(path: Path) -> DatasetSpec:
             f"Folder {path} is not in samfit's canonical layout: expected {path}/train/images and "
             f"{path}/train/masks (and val/, test/ alike)."
         )
-    tests = [s for s in splits if s not in ("train", "val")] or (["val"] if "val" in splits else [])
-    return DatasetSpec(name=path.name, train="train", val="val" if "val" in splits else None,
-                       test=tests or ["train"], root=path)
+    tests = [s for s in splits if s not in ("train", "val")]
+    # without a test split, val is the test set and the best epoch is picked on a held-out share of train
+    return DatasetSpec(name=path.name, train="train", val="val" if "val" in splits and tests else None,
+                       test=tests or (["val"] if "val" in splits else ["train"]), root=path)
 
 
 def _spec_from_csv(path: Path) -> DatasetSpec:
@@ -114,7 +112,7 @@ def _spec_from_csv(path: Path) -> DatasetSpec:
     tests = sorted(s for s in csvs if s.startswith("test"))
     split = {"train": path}
     split.update({s: csvs[s] for s in ["val"] + tests if s in csvs})
-    return DatasetSpec(name=folder.name, train="train", val="val" if "val" in csvs else None,
+    return DatasetSpec(name=folder.name, train="train", val="val" if "val" in csvs and tests else None,
                        test=tests or (["val"] if "val" in csvs else ["train"]), root=folder, csv=split)
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 import samfit
 from samfit.config import RunConfig
-from samfit.data import SegmentationFolder, ensure_available, resolve_dataset, split_pairs
+from samfit.data import SegmentationFolder, ensure_available, resolve_dataset, selection_pairs, split_pairs
 from samfit.engine import distributed, rundir
 from samfit.engine.cache import prepare_cache
 from samfit.engine.evaluate import evaluate
@@ -193,10 +193,11 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
     dist = distributed.current()
 
     folder = dist.main_first(ensure_available, spec, cfg.data_root)
-    make = lambda split, limit: SegmentationFolder(split_pairs(spec, folder, split), cfg.image_size, spec.task,  # noqa: E731
+    make = lambda pairs, limit: SegmentationFolder(pairs, cfg.image_size, spec.task,  # noqa: E731
                                                    spec.num_classes, limit=limit, skip_bad=cfg.skip_bad)
-    train_set = make(spec.train, cfg.limit_train)
-    val_set = make(spec.selection_split, cfg.limit_eval)
+    train_pairs, val_pairs, selection = selection_pairs(spec, folder)
+    train_set = make(train_pairs, cfg.limit_train)
+    val_set = make(val_pairs, cfg.limit_eval)
 
     checkpoint = None
     if cfg.model != "tiny":
@@ -313,7 +314,7 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
                             f"plus --resume.")
                 progress.remove_task(batch_task)
                 scores, _ = evaluate(forward, cache.val if cache else val_set, spec, cfg, device, autocast,
-                                     progress=progress, label=f"validate ({spec.selection_split})",
+                                     progress=progress, label=f"validate ({selection['split']})",
                                      **dist.eval_args(len(val_set)))
                 value = scores[spec.headline]
                 improved = state["best"] is None or (value < state["best"] if spec.lower_is_better
@@ -335,7 +336,7 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
     model.load_state_dict(torch.load(run_dir / "checkpoints" / "best.pt", weights_only=True), strict=False)
     results, eval_timers = {}, []
     for split in spec.eval_splits:
-        test_set = make(split, cfg.limit_eval)
+        test_set = make(split_pairs(spec, folder, split), cfg.limit_eval)
         results[split], timer = evaluate(model, test_set, spec, cfg, device, autocast, label=f"test ({split})",
                                          **dist.eval_args(len(test_set)))
         eval_timers.append(timer)
@@ -350,7 +351,7 @@ def _run_locked(cfg, spec, method, device, autocast, use_scaler, run_dir, resume
         "headline": {"metric": spec.headline, "lower_is_better": spec.lower_is_better,
                      "value": results[spec.eval_splits[0]][spec.headline], "split": spec.eval_splits[0]},
         "scores": results,
-        "selection": {"split": spec.selection_split, "best_epoch": state["best_epoch"], "value": state["best"]},
+        "selection": {**selection, "best_epoch": state["best_epoch"], "value": state["best"]},
         "params": {**counts, "sam_total": sam_total, "percent_of_sam": 100 * counts["trainable"] / sam_total},
         "method_args": method.describe(),
         "throughput": {"train_img_per_s": dist.images_per_s(train_timer), "eval_img_per_s":
