@@ -324,6 +324,9 @@ def test_binary_decoding_rules(tmp_path):
     assert np.array_equal(decode_binary_mask(tmp_path / "soft.png"), m)
     save(tmp_path / "mask.jpg", m, quality=60)
     assert np.array_equal(decode_binary_mask(tmp_path / "mask.jpg"), m)
+    save(tmp_path / "faint.png", np.where(m > 0, 38, 0).astype(np.uint8))  # e.g. a colour-coded class in grey
+    with pytest.raises(SamfitError, match=r"faint\.png has values up to 38, none above 127"):
+        decode_binary_mask(tmp_path / "faint.png")
 
 
 def test_trans10k_v1_nearest_level(tmp_path):

@@ -6,7 +6,8 @@ masks by the dataset's file naming, and decode a mask into samfit's canonical va
 
 - binary: 0 background / 255 foreground. Single-channel masks are thresholded at > 127 (0/255 PNGs stay
   as they are, Kvasir-SEG's JPEG masks lose their compression noise); colour masks use the brightest channel
-  (> 127 in any channel is foreground); lossless masks holding only 0 and 1 are read as 0/1.
+  (> 127 in any channel is foreground); lossless masks holding only 0 and 1 are read as 0/1; a lossless mask
+  whose values stop between 2 and 127 is refused (it would decode as empty).
 - trans10k-v1: RGB masks, channel mean 0 / 85 / 255 = background / things / stuff (the official TransLab
   loader's rule); samfit takes the nearest of the three (cut points 42.5 and 170) so anti-aliased edges
   cannot produce other values.
@@ -84,8 +85,12 @@ def decode_binary_mask(path: Path) -> np.ndarray:
             values = values * (255.0 / 65535.0)
     else:
         values = np.asarray(im.convert("RGB")).max(axis=-1)
-    if im.format in LOSSLESS_FORMATS and values.max(initial=0) == 1 and np.isin(values, (0, 1)).all():
+    top = values.max(initial=0)
+    if im.format in LOSSLESS_FORMATS and top == 1 and np.isin(values, (0, 1)).all():
         foreground = values == 1
+    elif im.format in LOSSLESS_FORMATS and 1 < top <= 127:
+        raise SamfitError(f"Mask {path} has values up to {top:g}, none above 127: thresholding at >127 would make "
+                          f"it empty. Is it a class-index or colour-coded mask? Convert it to 0/255 first.")
     else:
         foreground = values > 127
     return np.where(foreground, 255, 0).astype(np.uint8)
