@@ -130,3 +130,28 @@ def test_num_prompts_override():
         samfit.get_method("vpt", prompts="5")
     with pytest.raises(SamfitError, match="at least 1"):
         samfit.get_method("vpt", num_prompts="0")
+
+
+def test_bf16_training_on_cpu_takes_the_explicit_form_with_the_same_result():
+    """PyTorch's CPU math fallback would compute a 16-bit sdpa whose bias needs a gradient in fp32; VPT then
+    computes the prompted attention explicitly (as samfit.model.attention does for SAM's own). Only block 0,
+    whose input and so whose bias needs no gradient, keeps the fused kernel."""
+    from torch.profiler import profile
+
+    model = samfit.get_method("vpt").apply(_encoder(96))
+    images = torch.randn(1, 3, 96, 96)
+    sdpa = "aten::scaled_dot_product_attention"
+
+    def run(bf16, grad=True):
+        with profile() as prof, torch.set_grad_enabled(grad), \
+                torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(images)["logits"]
+        return out, {e.key: e.count for e in prof.key_averages()}.get(sdpa, 0)
+
+    blocks = len(model.image_encoder.blocks)
+    out16, sdpa_calls16 = run(True)
+    out32, sdpa_calls32 = run(False)
+    assert (sdpa_calls16, sdpa_calls32, run(True, grad=False)[1]) == (1, blocks, blocks)
+    out16.float().mean().backward()
+    assert all(torch.isfinite(b.prompts.grad).all() for b in model.image_encoder.blocks)
+    assert (out16.float() - out32).abs().max() < 0.05 * out32.abs().max() + 0.05

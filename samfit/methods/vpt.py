@@ -21,20 +21,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling.image_encoder import get_rel_pos, window_partition, window_unpartition
+from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch import nn
 
 from samfit.errors import SamfitError
 from samfit.methods.base import Method, register_method
-
-
-def rel_pos_bias(attn: nn.Module, q: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """SAM's decomposed relative-position term for queries q (N, heads, h·w, c): (N, heads, h·w, h·w)."""
-    n, heads, t, c = q.shape
-    r_q = q.reshape(n, heads, h, w, c)
-    rel_h = torch.einsum("nahwc,hkc->nahwk", r_q, get_rel_pos(h, h, attn.rel_pos_h))
-    rel_w = torch.einsum("nahwc,wkc->nahwk", r_q, get_rel_pos(w, w, attn.rel_pos_w))
-    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(n, heads, t, t)
+from samfit.model.attention import decomposed_rel_pos, upcasting_fallback
 
 
 def prompted_attention(attn: nn.Module, x: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
@@ -43,7 +35,10 @@ def prompted_attention(attn: nn.Module, x: torch.Tensor, prompts: torch.Tensor) 
     n, h, w, d = x.shape
     heads = attn.num_heads
     q, k, v = attn.qkv(x).reshape(n, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-    bias = rel_pos_bias(attn, q, h, w) if attn.use_rel_pos else None
+    bias = None
+    if attn.use_rel_pos:
+        rel_h, rel_w = decomposed_rel_pos(attn, q, h, w)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(n, heads, h * w, h * w)
     p = prompts.shape[0]
     if p:
         pk, pv = attn.qkv(prompts)[:, d:].reshape(p, 2, heads, -1).permute(1, 2, 0, 3).unbind(0)
@@ -51,9 +46,10 @@ def prompted_attention(attn: nn.Module, x: torch.Tensor, prompts: torch.Tensor) 
         v = torch.cat([v, pv.unsqueeze(0).expand(n, -1, -1, -1).to(v.dtype)], dim=2)
         if bias is not None:
             bias = F.pad(bias, (0, p))
-    if bias is not None:
-        bias = bias.to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    if bias is not None and upcasting_fallback(q, bias.requires_grad):  # 16-bit on CPU: the explicit form
+        out = ((q * attn.scale) @ k.transpose(-2, -1) + bias).softmax(dim=-1) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
     return attn.proj(out.transpose(1, 2).reshape(n, h, w, -1))
 
 
