@@ -13,3 +13,12 @@ def data_root(tmp_path, monkeypatch):
     root = tmp_path / "data"
     monkeypatch.setenv("SAMFIT_DATA", str(root))
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for short runs: no oversubscription of a shared CPU (faster and steadier)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,12 +15,7 @@ KEYS = {"method", "step_time_s", "train_img_per_s", "eval_img_per_s", "peak_memo
         "attention", "precision", "grad_checkpoint", "device"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_bench_writes_records_with_ratios_to_lora(tmp_path, data_root):

@@ -14,13 +14,7 @@ from samfit.model.attention import set_attention
 from samfit.model.checkpointing import set_grad_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Runs are short: one intra-op thread avoids oversubscribing a shared CPU (faster and steadier)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _run(tmp_path, data_root, name, resume=False, **kw):
