@@ -1,0 +1,36 @@
+"""Polyp segmentation in PraNet's split (Fan et al., MICCAI 2020): TrainDataset (Kvasir + CVC-ClinicDB
+training images) -> train, and TestDataset/{Kvasir,CVC-ClinicDB,CVC-ColonDB,ETIS-LaribPolypDB,CVC-300}, one
+test split each."""
+from __future__ import annotations
+
+from samfit.data.layouts.common import (DirIndex, Layout, Splits, child, find_test_sets, has, layout_error,
+                                        pair_folder, sets_folder)
+from samfit.data.layouts.masks import decode_binary_mask
+
+NAME = "polyp"
+TREE = """
+TrainDataset/{images,masks}/                        (PraNet's split: Kvasir + CVC-ClinicDB)
+TestDataset/{Kvasir,CVC-ClinicDB,CVC-ColonDB,ETIS-LaribPolypDB,CVC-300}/{images,masks}/
+(TestDataset/TestDataset/... is fine)"""
+POLYP_TEST_SETS = {"Kvasir": "kvasir", "CVC-ClinicDB": "cvc-clinicdb", "CVC-ColonDB": "cvc-colondb",
+                   "ETIS-LaribPolypDB": "etis", "CVC-300": "cvc-300"}  # folder (any case) -> split
+IMAGES, MASKS = ("images", "image"), ("masks", "mask")
+CSV_TEST_NAMES = {"kvasir": "kvasir", "cvc-clinicdb": "cvc-clinicdb", "clinicdb": "cvc-clinicdb",
+                  "cvc-colondb": "cvc-colondb", "colondb": "cvc-colondb", "etis": "etis",
+                  "etis-laribpolypdb": "etis", "cvc-300": "cvc-300"}
+
+
+def find_polyp(index: DirIndex) -> Splits | None:
+    train = index.named("TrainDataset", having=has(IMAGES, MASKS))
+    test = sets_folder(index, "TestDataset", POLYP_TEST_SETS, (IMAGES, MASKS))
+    if train is None and test is None:
+        return None
+    if train is None or test is None:
+        raise layout_error(NAME, TREE, f"Found {train or test} but no "
+                                       f"{'TrainDataset' if train is None else 'TestDataset'} folder beside it.")
+    splits = {"train": pair_folder(child(train, *IMAGES), child(train, *MASKS))}
+    splits.update(find_test_sets(NAME, TREE, test, POLYP_TEST_SETS, IMAGES, MASKS))
+    return splits
+
+
+LAYOUT = Layout(NAME, TREE, find_polyp, decode_binary_mask, csv_test_names=CSV_TEST_NAMES)
