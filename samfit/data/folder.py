@@ -16,9 +16,10 @@ from torch.utils.data import Dataset
 
 from samfit.data.registry import IMAGE_SUFFIXES
 from samfit.errors import SamfitError
+from samfit.model import sam
 
-PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
-PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
+PIXEL_MEAN = np.array(sam.PIXEL_MEAN, np.float32)
+PIXEL_STD = np.array(sam.PIXEL_STD, np.float32)
 
 
 def list_pairs(split_dir: Path) -> list[tuple[Path, Path]]:

@@ -16,7 +16,7 @@ import yaml
 from samfit.errors import SamfitError, unknown_name
 
 BUILTIN_REGISTRY = Path(__file__).resolve().parents[2] / "datasets.yaml"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # read as images, canonical or official
 
 
 @dataclass

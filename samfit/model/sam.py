@@ -21,6 +21,10 @@ from samfit.errors import SamfitError, unknown_name
 
 PROMPT_DIM = 256
 PATCH = 16
+# SAM's input normalisation (RGB, 0-255 scale; segment_anything's Sam.pixel_mean / pixel_std), applied by the
+# data loader: a property of the backbone, not of the dataset.
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
 OFFICIAL_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
 

@@ -37,8 +37,6 @@ class Segmenter(nn.Module):
             self.mask_decoder.output_hypernetworks_mlps = nn.ModuleList(
                 [self.mask_decoder.output_hypernetworks_mlps[0]])
             self.mask_decoder.class_head = MLP(PROMPT_DIM, PROMPT_DIM, num_classes + 1, 2)
-        self.register_buffer("pixel_mean", torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1), False)
 
     # ------------------------------------------------------------ freezing
     def decoder_trainable_modules(self) -> list[nn.Module]:
