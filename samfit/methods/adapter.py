@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from samfit.errors import SamfitError
-from samfit.methods.base import Method, encoder_blocks, register_method
+from samfit.methods.base import Method, encoder_blocks, register_method, require_int
 
 
 class BottleneckAdapter(nn.Module):
@@ -54,8 +53,7 @@ class AdapterConfig:
     bottleneck: int = 3
 
     def __post_init__(self):
-        if self.bottleneck < 1:
-            raise SamfitError(f"--method-arg bottleneck={self.bottleneck}: the adapter width must be >= 1.")
+        self.bottleneck = require_int("adapter", "bottleneck", self.bottleneck, minimum=1, note=" (the adapter width)")
 
 
 @register_method

@@ -1,19 +1,22 @@
 """The contract every PEFT method keeps, and the registry methods join by decorating themselves.
 
-A method is a small class with a `Config` dataclass of hyperparameters (the REFERENCE §2 defaults) and an
-`inject(model)` that inserts or unfreezes its trainable parts in the (already frozen) Segmenter. It knows
-nothing of data or training. `apply(model)` = freeze SAM except the cut decoder, then `inject`.
+A method is a small class with a `Config` dataclass of hyperparameters (the defaults of docs/reference.md),
+which checks its own values in `__post_init__` with the `require_*` helpers below, and an `inject(model)`
+that inserts or unfreezes its trainable parts in the (already frozen) Segmenter. It knows nothing of data
+or training. `apply(model)` = freeze SAM except the cut decoder, then `inject`.
 Layers that produce an auxiliary loss store it in `self.aux_loss` during forward; the Segmenter sums them.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import typing
 from typing import ClassVar
 
 from torch import nn
 
-from samfit.errors import SamfitError, unknown_name
+from samfit.errors import SamfitError, closest, unknown_name
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -35,6 +38,7 @@ class Method:
     Config: ClassVar[type] = NoConfig
     identical_at_init: ClassVar[bool] = False  # model output equals plain SAM's before training
     mergeable: ClassVar[bool] = False  # can be folded into SAM's weights after training
+    unfreezes: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns of SAM's own encoder weights made trainable
 
     def __init__(self, **overrides):
         valid = {f.name: f for f in dataclasses.fields(self.Config)}
@@ -45,7 +49,7 @@ class Method:
                 f"Valid keys: {', '.join(valid) or '(none: this method has no hyperparameters)'}."
             )
         hints = typing.get_type_hints(self.Config)
-        values = {k: _coerce(self.name, k, v, hints[k]) for k, v in overrides.items()}
+        values = {k: _coerce(self.name, k, v, hints[k], self.Config) for k, v in overrides.items()}
         self.config = self.Config(**values)
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -62,7 +66,7 @@ class Method:
         return dataclasses.asdict(self.config)
 
 
-def _coerce(method: str, key: str, value, kind):
+def _coerce(method: str, key: str, value, kind, config: type):
     """Turn a --method-arg string into the field's type (int, float, bool, str, tuple of ints)."""
     if not isinstance(value, str):
         return value
@@ -72,13 +76,79 @@ def _coerce(method: str, key: str, value, kind):
                 raise ValueError(value)
             return value.lower() in {"true", "1", "yes"}
         if typing.get_origin(kind) is tuple:
-            return tuple(int(x) for x in value.replace(",", " ").split())
+            return tuple(int(x) for x in value.strip("()[] ").replace(",", " ").split())
         return kind(value)
     except ValueError:
+        kinds = {bool: "bool (true or false; also yes/no, 1/0)", int: "int", float: "float"}
+        expected = "tuple of ints (comma-separated)" if typing.get_origin(kind) is tuple else kinds.get(kind, kind)
         raise SamfitError(
-            f"--method-arg {key}={value} for method '{method}': expected a value of type "
-            f"{getattr(kind, '__name__', kind)}."
+            f"--method-arg {key}={value} for method '{method}': expected a value of type {expected}; "
+            f"the default is {key}={show(getattr(config(), key))}."
         ) from None
+
+
+def show(value) -> str:
+    """A value as it is written on the command line (tuples comma-separated)."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def invalid(method: str, key: str, value, expected: str, hint: str = "") -> SamfitError:
+    """The error for a --method-arg outside its valid range: names the method, the key and the range."""
+    return SamfitError(f"--method-arg {key}={show(value)} for method '{method}': must be {expected}.{hint}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def require_int(method: str, key: str, value, minimum: int = 1, maximum: int | None = None, note: str = "") -> int:
+    """`value` as an int in [minimum, maximum] (no bools, no floats), else a SamfitError."""
+    ok = _is_int(value) and minimum <= value and (maximum is None or value <= maximum)
+    if not ok:
+        span = f"of at least {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise invalid(method, key, value, f"an integer {span}{note}")
+    return int(value)
+
+
+def require_float(method: str, key: str, value, low: float | None = None, high: float | None = None,
+                  include_low: bool = True, include_high: bool = True) -> float:
+    """`value` as a finite float within the bounds (each inclusive or not), else a SamfitError."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low is None or value > low or (include_low and value == low))
+    ok = ok and (high is None or value < high or (include_high and value == high))
+    if not ok:
+        if low is not None and high is not None:
+            span = f"in {'[' if include_low else '('}{low:g}, {high:g}{']' if include_high else ')'}"
+        elif low is not None:
+            span = f"{'>=' if include_low else '>'} {low:g}"
+        elif high is not None:
+            span = f"{'<=' if include_high else '<'} {high:g}"
+        else:
+            span = ""
+        raise invalid(method, key, value, f"a finite number {span}".rstrip())
+    return float(value)
+
+
+def require_bool(method: str, key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise invalid(method, key, value, "true or false")
+    return value
+
+
+def require_choice(method: str, key: str, value, choices) -> str:
+    if value not in choices:
+        hint = closest(value, choices) if isinstance(value, str) else ""
+        raise invalid(method, key, value, f"one of {', '.join(map(str, choices))}", hint)
+    return value
+
+
+def require_ints(method: str, key: str, value, minimum: int = 0, unique: bool = False) -> tuple[int, ...]:
+    """`value` as a tuple of ints >= minimum (distinct if `unique`), e.g. a list of block indices."""
+    ok = isinstance(value, (tuple, list)) and all(_is_int(v) and v >= minimum for v in value)
+    if not ok or (unique and len(set(value)) != len(value)):
+        what = "distinct integers" if unique else "integers"
+        raise invalid(method, key, value, f"a comma-separated list of {what} of at least {minimum}")
+    return tuple(int(v) for v in value)
 
 
 def parse_method_args(pairs: list[str]) -> dict[str, str]:

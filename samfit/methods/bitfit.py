@@ -19,6 +19,7 @@ class BitFit(Method):
     summary = "train every bias inside the encoder blocks"
     identical_at_init = True
     mergeable = True
+    unfreezes = ("image_encoder.blocks.*.bias",)  # exactly the six biases of every block, nothing else
 
     def inject(self, model) -> None:
         for block in encoder_blocks(model):

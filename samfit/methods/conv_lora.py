@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from samfit.errors import SamfitError
-from samfit.methods.base import Method, encoder_blocks, register_method
+from samfit.methods.base import (Method, _coerce, encoder_blocks, register_method, require_bool, require_float,
+                                 require_int, require_ints, show)
 from samfit.methods.lora import add_low_rank_factors
 
 
@@ -164,6 +165,21 @@ class ConvLoRAConfig:
     noisy_gating: bool = True
     balance_weight: float = 0.01
 
+    def __post_init__(self):
+        m = "conv-lora"
+        self.rank = require_int(m, "rank", self.rank, minimum=1)
+        self.alpha = require_float(m, "alpha", self.alpha, low=0, include_low=False)
+        self.experts = require_int(m, "experts", self.experts, minimum=1)
+        self.scales = require_ints(m, "scales", self.scales, minimum=1) or tuple(range(1, self.experts + 1))
+        if len(self.scales) != self.experts:
+            raise SamfitError(
+                f"--method-arg scales={show(self.scales)} for method '{m}': {len(self.scales)} scales but "
+                f"experts={self.experts}; there must be one scale per expert (or leave experts out).")
+        self.top_k = require_int(m, "top_k", self.top_k, minimum=1, maximum=self.experts,
+                                 note=f" (experts={self.experts})")
+        self.noisy_gating = require_bool(m, "noisy_gating", self.noisy_gating)
+        self.balance_weight = require_float(m, "balance_weight", self.balance_weight, low=0)
+
 
 @register_method
 class ConvLoRA(Method):
@@ -174,20 +190,12 @@ class ConvLoRA(Method):
     mergeable = False  # the expert path is non-linear in x
 
     def __init__(self, **overrides):
+        scales = overrides.get("scales")
+        if scales is not None and "experts" not in overrides:  # scales alone: one expert per scale
+            scales = _coerce(self.name, "scales", scales, tuple[int, ...], ConvLoRAConfig)
+            if isinstance(scales, (tuple, list)) and scales:
+                overrides = {**overrides, "scales": scales, "experts": len(scales)}
         super().__init__(**overrides)
-        c = self.config
-        if not c.scales:
-            c.scales = tuple(range(1, c.experts + 1))
-        elif "experts" not in overrides:
-            c.experts = len(c.scales)
-        elif len(c.scales) != c.experts:
-            raise SamfitError(
-                f"--method-arg scales={','.join(map(str, c.scales))} gives {len(c.scales)} scales but "
-                f"experts={c.experts}; give one scale per expert (or leave experts out).")
-        if c.rank < 1 or c.experts < 1 or min(c.scales) < 1:
-            raise SamfitError(f"Conv-LoRA needs rank >= 1, experts >= 1 and scales >= 1; got {c}.")
-        if not 1 <= c.top_k <= c.experts:
-            raise SamfitError(f"--method-arg top_k={c.top_k} must be between 1 and experts={c.experts}.")
 
     def inject(self, model) -> None:
         c = self.config

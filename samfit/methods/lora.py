@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from samfit.methods.base import Method, encoder_blocks, register_method
+from samfit.methods.base import Method, encoder_blocks, register_method, require_float, require_int
 
 
 def add_low_rank_factors(module: nn.Module, base: nn.Linear, rank: int, alpha: float) -> None:
@@ -48,7 +48,11 @@ class LoRALinear(nn.Module):
 @dataclass
 class LoRAConfig:
     rank: int = 3
-    alpha: float = 32.0
+    alpha: float = 32.0  # the update is scaled by alpha / rank
+
+    def __post_init__(self):
+        self.rank = require_int("lora", "rank", self.rank, minimum=1)
+        self.alpha = require_float("lora", "alpha", self.alpha, low=0, include_low=False)
 
 
 @register_method

@@ -40,7 +40,7 @@ from segment_anything.modeling.image_encoder import window_partition, window_unp
 from torch import nn
 
 from samfit.errors import SamfitError
-from samfit.methods.base import Method, register_method
+from samfit.methods.base import Method, register_method, require_float, require_int
 from samfit.model.sam import PROMPT_DIM
 
 
@@ -131,11 +131,16 @@ class LSTConfig:
     gate_temperature: float = 0.1
 
     def __post_init__(self):
-        if self.side_dim < 1 or self.reduction < 0 or self.heads < 1:
-            raise SamfitError("--method-arg side_dim and heads must be >= 1 and reduction >= 0 "
-                              f"(got side_dim={self.side_dim}, reduction={self.reduction}, heads={self.heads}).")
-        if self.gate_temperature <= 0:
-            raise SamfitError(f"--method-arg gate_temperature={self.gate_temperature}: must be > 0.")
+        self.side_dim = require_int("lst", "side_dim", self.side_dim, minimum=1, note=" (the side network width)")
+        self.reduction = require_int("lst", "reduction", self.reduction, minimum=0,
+                                     note=" (0: the width is side_dim; r > 0: it is d / r)")
+        self.heads = require_int("lst", "heads", self.heads, minimum=1)
+        self.gate_temperature = require_float("lst", "gate_temperature", self.gate_temperature, low=0,
+                                              include_low=False)
+        if not self.reduction and self.side_dim % self.heads:
+            divisors = ", ".join(str(h) for h in range(1, self.side_dim + 1) if self.side_dim % h == 0)
+            raise SamfitError(f"--method-arg heads={self.heads} for method 'lst': the side width side_dim="
+                              f"{self.side_dim} must be divisible by heads; pick heads from {divisors}.")
 
 
 @register_method

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from samfit.errors import SamfitError
-from samfit.methods.base import Method, register_method
+from samfit.methods.base import Method, register_method, require_float, require_int
 
 
 def high_frequency_component(images: torch.Tensor, mask_ratio: float) -> torch.Tensor:
@@ -106,11 +106,10 @@ class SAMAdapterConfig:
     mask_ratio: float = 0.25
 
     def __post_init__(self):
-        if self.scale_factor < 1:
-            raise SamfitError(f"--method-arg scale_factor={self.scale_factor}: must be >= 1 (c = d / scale_factor).")
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise SamfitError(f"--method-arg mask_ratio={self.mask_ratio}: the share of the spectrum masked out "
-                              f"as low frequency must be in [0, 1).")
+        self.scale_factor = require_int("sam-adapter", "scale_factor", self.scale_factor, minimum=1,
+                                        note=" dividing the encoder width (prompt width c = d / scale_factor)")
+        self.mask_ratio = require_float("sam-adapter", "mask_ratio", self.mask_ratio, low=0, high=1,
+                                        include_high=False)  # the low-frequency share of the spectrum removed
 
 
 @register_method

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch import nn
 
-from samfit.errors import SamfitError
-from samfit.methods.base import Method, register_method
+from samfit.methods.base import Method, register_method, require_int
 from samfit.model.attention import decomposed_rel_pos, upcasting_fallback
 
 
@@ -82,6 +81,10 @@ class PromptedBlock(nn.Module):
 class VPTConfig:
     num_prompts: int = 12
 
+    def __post_init__(self):
+        self.num_prompts = require_int("vpt", "num_prompts", self.num_prompts, minimum=1,
+                                       note=" (prompt tokens per block)")
+
 
 @register_method
 class VPT(Method):
@@ -90,11 +93,6 @@ class VPT(Method):
     Config = VPTConfig
     identical_at_init = False  # the random prompts take part in attention from the start
     mergeable = False
-
-    def __init__(self, **overrides):
-        super().__init__(**overrides)
-        if self.config.num_prompts < 1:
-            raise SamfitError(f"--method-arg num_prompts={self.config.num_prompts} must be at least 1.")
 
     def inject(self, model) -> None:
         encoder = model.image_encoder
