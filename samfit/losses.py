@@ -184,7 +184,7 @@ def semantic_targets(class_map, num_classes: int, ignore_index: int = 255) -> di
 
     Every class present in the map becomes one (label, binary mask) pair, background (class 0) included, as
     Mask2Former does for semantic segmentation: background is a class to segment like the others, and
-    `semantic_inference` then scores it. Pixels equal to `ignore_index` are 0 in every mask.
+    `samfit.model.segmenter.semantic_inference` then scores it. Pixels equal to `ignore_index` are 0 in every mask.
     Returns {"labels": LongTensor (K,), "masks": FloatTensor (K, H, W)}, labels sorted.
     """
     class_map = class_map if torch.is_tensor(class_map) else torch.as_tensor(np.asarray(class_map))
@@ -199,11 +199,3 @@ def semantic_targets(class_map, num_classes: int, ignore_index: int = 255) -> di
                           f"got {labels.tolist()}.")
     masks = (class_map[None] == labels[:, None, None]).float()
     return {"labels": labels, "masks": masks}
-
-
-def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
-    """Per-class scores (B, C, H, W) = einsum("bqc,bqhw->bchw", softmax(class_logits)[..., :C], σ(mask_logits)),
-    the no-object column dropped (MaskFormer, Cheng et al., NeurIPS 2021). Argmax over C gives the class map.
-    """
-    probs = class_logits.softmax(-1)[..., :-1]
-    return torch.einsum("bqc,bqhw->bchw", probs, mask_logits.sigmoid())

@@ -10,9 +10,10 @@ from scipy.ndimage import uniform_filter
 
 from samfit.errors import SamfitError
 from samfit.losses import (
-    LOSSES, balanced_bce_loss, get_loss, hungarian_match, mask_classification_loss, semantic_inference,
-    semantic_targets, structure_loss,
+    LOSSES, balanced_bce_loss, get_loss, hungarian_match, mask_classification_loss, semantic_targets,
+    structure_loss,
 )
+from samfit.model.segmenter import semantic_inference
 
 
 def np_bce(x, y):
@@ -203,3 +204,16 @@ def test_semantic_inference_sums_the_right_classes():
     assert out.shape == (1, 2, 1, 2)
     assert torch.allclose(out, torch.tensor([want]), atol=1e-6)
     assert not math.isclose(out.sum().item(), masks.sum().item())  # the no-object share is dropped
+
+
+def test_the_multiclass_segmenter_scores_with_semantic_inference():
+    import samfit
+
+    torch.manual_seed(0)
+    model = samfit.build_model("tiny", num_classes=3, image_size=64).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 64, 64))
+    want = F.interpolate(semantic_inference(out["class_logits"], out["mask_logits"]), size=(64, 64),
+                         mode="bilinear", align_corners=False)
+    assert out["logits"].shape == (2, 3, 64, 64)
+    assert torch.allclose(out["logits"], want, atol=1e-6)

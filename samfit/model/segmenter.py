@@ -1,4 +1,4 @@
-"""Prompt-free, end-to-end SAM segmenters (REFERENCE §1).
+"""Prompt-free, end-to-end SAM segmenters (docs/reference.md).
 
 The prompt encoder is frozen and given no points or boxes: the two-way transformer sees only the output
 tokens (IoU token + mask tokens) and the image embedding plus the "no mask" dense embedding.
@@ -7,7 +7,7 @@ tokens (IoU token + mask tokens) and the image embedding plus the "no mask" dens
   is removed. logits = upsample(MLP(token_out) · upscaled_embedding) to the input size.
 * Multi-class head (mask classification, Cheng et al. 2021/2022): Q mask tokens share one hypernetwork MLP
   (initialised from SAM's token-0 MLP); a classification MLP maps each token's output to C+1 logits (the last
-  is "no object"). Semantic scores: einsum("bqc,bqhw->bchw", softmax(class)[..., :C], sigmoid(masks)).
+  is "no object"). Semantic scores: `semantic_inference`.
 """
 from __future__ import annotations
 
@@ -17,6 +17,13 @@ from segment_anything.modeling.mask_decoder import MLP
 from torch import nn
 
 from samfit.model.sam import PROMPT_DIM
+
+
+def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """Per-class scores (B, C, H, W) = einsum("bqc,bqhw->bchw", softmax(class_logits)[..., :C], σ(mask_logits)),
+    the no-object column dropped (MaskFormer, Cheng et al., NeurIPS 2021). Argmax over C gives the class map.
+    """
+    return torch.einsum("bqc,bqhw->bchw", class_logits.softmax(-1)[..., :-1], mask_logits.sigmoid())
 
 
 class Segmenter(nn.Module):
@@ -71,7 +78,7 @@ class Segmenter(nn.Module):
         if self.num_classes == 1:
             return {"logits": F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)}
         class_logits = d.class_head(mask_tokens_out)  # (B, Q, C + 1)
-        semantic = torch.einsum("bqc,bqhw->bchw", class_logits.softmax(-1)[..., :-1], mask_logits.sigmoid())
+        semantic = semantic_inference(class_logits, mask_logits)
         return {"logits": F.interpolate(semantic, size=size, mode="bilinear", align_corners=False),
                 "class_logits": class_logits, "mask_logits": mask_logits}
 
