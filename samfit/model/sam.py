@@ -7,7 +7,6 @@ interpolating the absolute position embedding (bicubic) and the global blocks' r
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, TwoWayTransformer
 
+from samfit.download import md5sum
 from samfit.errors import SamfitError, unknown_name
 
 PROMPT_DIM = 256
@@ -133,14 +133,6 @@ def resolve_checkpoint(variant: str, checkpoint: str | Path | None) -> Path:
     return path
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_official_md5(path: Path) -> None:
     """For a file named like an official checkpoint, its MD5 must match (checked once, then remembered)."""
     for name, v in VARIANTS.items():
@@ -149,7 +141,7 @@ def verify_official_md5(path: Path) -> None:
             key = f"{path.stat().st_size}:{path.stat().st_mtime_ns}"
             if stamp.is_file() and stamp.read_text() == key:
                 return
-            actual = file_md5(path)
+            actual = md5sum(path)
             if actual != v.md5:
                 raise SamfitError(
                     f"Checkpoint {path} has MD5 {actual}, but the official {name} file has {v.md5}: "
