@@ -1,5 +1,5 @@
 """Turn the outputs of benchmarks/run_benchmarks.sh into the performance table (ratios against the targets
-of issue 8), as markdown on stdout and in OUT/summary.md.
+in docs/performance.md, Summary), as markdown on stdout and in OUT/summary.md.
 
     python benchmarks/bench_summary.py results/perf
 """

@@ -1,4 +1,4 @@
-"""Conv-LoRA (REFERENCE §2): counts, identity at init, routing, batched dispatch, balancing loss, overrides."""
+"""Conv-LoRA (docs/reference.md, Methods: Conv-LoRA): counts, identity at init, routing, batched dispatch, balancing loss, overrides."""
 import pytest
 import torch
 import torch.nn.functional as F

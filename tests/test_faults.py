@@ -1,4 +1,4 @@
-"""Bad input, interruption and faults (issue 7): clear errors without tracebacks, resume, nothing lost."""
+"""Bad input, interruption and faults: clear errors without tracebacks, resume, nothing lost."""
 import json
 import os
 import shutil

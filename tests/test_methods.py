@@ -1,4 +1,4 @@
-"""Contract tests every registered method must pass (REFERENCE §2)."""
+"""Contract tests every registered method must pass (docs/reference.md, Methods)."""
 import pytest
 import torch
 

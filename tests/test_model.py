@@ -39,7 +39,7 @@ def official_checkpoint(tmp_path):
 
 
 def test_binary_segmenter_equals_sams_own_code_path(official_checkpoint):
-    """SAM's own MaskDecoder.forward, cut to one mask token (REFERENCE §1) by building it with
+    """SAM's own MaskDecoder.forward, cut to one mask token (docs/reference.md, Protocol) by building it with
     num_multimask_outputs=0 and loading token 0 / MLP 0, with no prompts: must equal the Segmenter."""
     sam, path = official_checkpoint
     model = samfit.build_model("tiny", image_size=128, checkpoint=path).eval()

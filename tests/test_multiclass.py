@@ -1,4 +1,4 @@
-"""The mask-classification head (REFERENCE §1, multi-class tasks) with every method."""
+"""The mask-classification head (docs/reference.md, Protocol: multi-class tasks) with every method."""
 import pytest
 import torch
 

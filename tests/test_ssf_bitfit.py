@@ -1,4 +1,4 @@
-"""SSF and BitFit (REFERENCE §2): exact counts, what trains, SSF's init and its merge into SAM's weights."""
+"""SSF and BitFit (docs/reference.md, Methods): exact counts, what trains, SSF's init and its merge into SAM's weights."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""VPT-deep on SAM (REFERENCE §2): counts, SAM-equivalence without prompts, an independent full-attention
+"""VPT-deep on SAM (docs/reference.md, Methods: VPT): counts, SAM-equivalence without prompts, an independent full-attention
 reference with prompts in every (padded) window, any input size."""
 import math
 
