@@ -25,7 +25,7 @@ def test_download_verifies_md5_then_the_weights_load(server, tmp_path, monkeypat
     body = buffer.getvalue()
     # an "official" variant whose MD5 we know: tiny's architecture under an official-style file name
     variant = sam_module.Variant(64, 4, 2, (1, 3), window=4, file="sam_tiny_test.pth",
-                                 md5=hashlib.md5(body).hexdigest(), default_size=128)
+                                 md5=hashlib.md5(body).hexdigest(), fixed_size=128)
     monkeypatch.setitem(sam_module.VARIANTS, "tiny_official", variant)
     monkeypatch.setenv("SAMFIT_WEIGHTS_URL", _serve(server, variant.file, body))
     monkeypatch.setenv("SAMFIT_CHECKPOINTS", str(tmp_path / "ckpt"))
@@ -54,6 +54,9 @@ def test_wrong_md5_is_a_clear_error_and_nothing_is_left(server, tmp_path):
 
 
 def test_tiny_has_no_weights_to_download():
+    variants = sam_module.VARIANTS
+    assert not variants["tiny"].has_weights and variants["tiny"].fixed_size == 128
+    assert all(variants[n].has_weights and variants[n].fixed_size is None for n in ("vit_b", "vit_l", "vit_h"))
     with pytest.raises(samfit.SamfitError, match="no official weights"):
         from samfit.cli import weights_download
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from samfit.model.sam import (VARIANTS, build_sam_parts, get_variant, load_sam_state,
+from samfit.model.sam import (SAM_IMAGE_SIZE, VARIANTS, build_sam_parts, get_variant, load_sam_state,
                               resize_encoder_state, resolve_checkpoint)
 from samfit.model.segmenter import Segmenter
 
@@ -38,7 +38,7 @@ def build_model(variant: str, num_classes: int = 1, image_size: int | None = Non
     to an official SAM state dict; position tables are interpolated to `image_size`.
     """
     v = get_variant(variant)
-    image_size = image_size or v.default_size
+    image_size = image_size or v.fixed_size or SAM_IMAGE_SIZE
     binary = num_classes == 1
     queries = 1 if binary else (num_queries or default_num_queries(num_classes))
     encoder, prompt, decoder = build_sam_parts(variant, image_size, queries)

@@ -21,6 +21,7 @@ from samfit.errors import SamfitError, unknown_name
 
 PROMPT_DIM = 256
 PATCH = 16
+SAM_IMAGE_SIZE = 1024  # the input size SAM was trained at (its official checkpoints' size)
 # SAM's input normalisation (RGB, 0-255 scale; segment_anything's Sam.pixel_mean / pixel_std), applied by the
 # data loader: a property of the backbone, not of the dataset.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -35,9 +36,15 @@ class Variant:
     heads: int
     global_blocks: tuple[int, ...]
     window: int = 14
-    file: str | None = None  # official checkpoint file name
+    file: str | None = None  # official checkpoint file name; None: random weights only (tests, smoke runs)
     md5: str | None = None
-    default_size: int = 1024
+    fixed_size: int | None = None  # input size used whatever the dataset's image_size; None: the dataset's
+    count_size: int = SAM_IMAGE_SIZE  # input size at which the complete SAM is counted for "% of SAM"
+
+    @property
+    def has_weights(self) -> bool:
+        """Whether official weights exist (and a checkpoint is loaded for training)."""
+        return self.file is not None
 
 
 VARIANTS = {
@@ -47,7 +54,7 @@ VARIANTS = {
                      md5="0b3195507c641ddb6910d2bb5adee89c"),
     "vit_h": Variant(1280, 32, 16, (7, 15, 23, 31), file="sam_vit_h_4b8939.pth",
                      md5="4b8939a88964f0f4ff5f5b2642c598a6"),
-    "tiny": Variant(64, 4, 2, (1, 3), window=4, default_size=128),
+    "tiny": Variant(64, 4, 2, (1, 3), window=4, fixed_size=128, count_size=64),
 }
 
 
@@ -94,9 +101,10 @@ def build_sam_parts(variant: str, image_size: int, num_mask_tokens: int = 1):
 
 
 def sam_total_parameters(variant: str) -> int:
-    """Parameter count of the complete original SAM (the denominator of '% of SAM'); built on the meta device."""
+    """Parameter count of the complete original SAM (the denominator of '% of SAM') at the variant's
+    `count_size`; built on the meta device."""
     with torch.device("meta"):
-        encoder, prompt, decoder = build_sam_parts(variant, 64 if variant == "tiny" else 1024, 4)
+        encoder, prompt, decoder = build_sam_parts(variant, get_variant(variant).count_size, 4)
     iou_head = 256 * 256 * 2 + 256 * 2 + 256 * 4 + 4  # MLP(256, 256, 4, depth 3)
     return sum(p.numel() for m in (encoder, prompt, decoder) for p in m.parameters()) + iou_head
 
@@ -120,7 +128,7 @@ def resolve_checkpoint(variant: str, checkpoint: str | Path | None) -> Path:
         if not path.is_file():
             raise SamfitError(f"Checkpoint not found: {path}. Check the path given to --checkpoint.")
         return path
-    if v.file is None:
+    if not v.has_weights:
         raise SamfitError(f"Model '{variant}' has no official weights; it is for tests and smoke runs.")
     path = checkpoint_dir() / v.file
     if not path.is_file():
