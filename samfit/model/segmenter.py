@@ -1,4 +1,4 @@
-"""Prompt-free, end-to-end SAM segmenters (docs/reference.md).
+"""Prompt-free, end-to-end SAM segmenters (docs/reference.md, Protocol).
 
 The prompt encoder is frozen and given no points or boxes: the two-way transformer sees only the output
 tokens (IoU token + mask tokens) and the image embedding plus the "no mask" dense embedding.

@@ -1,4 +1,4 @@
-"""Official on-disk layouts of the benchmark's datasets, and how their masks are decoded (docs/reference.md).
+"""Official on-disk layouts of the datasets, and how their masks are decoded (docs/reference.md, Datasets).
 
 Each dataset's `Layout` (one module per dataset family: `isic`, `polyp`, `cod`, `sbu`, `leaf`, `road`,
 `trans10k`) knows how to find its folders under one or more search roots at any depth (helpers in `common`),
