@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from samfit.errors import SamfitError
+from samfit.options import with_run_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark parameter-efficient fine-tuning methods for the Segment Anything Model.")
@@ -23,59 +24,35 @@ err = Console(stderr=True)
 
 
 @app.command()
+@with_run_options
 def run(
-    method: str = typer.Option("lora", help="PEFT method (see `samfit methods`)."),
-    dataset: str = typer.Option("shapes", help="Registry name, a folder in the canonical layout, or a CSV."),
-    model: str = typer.Option("tiny", help="vit_b | vit_l | vit_h | tiny"),
-    checkpoint: Optional[str] = typer.Option(None, help="SAM checkpoint (default: $SAMFIT_CHECKPOINTS)."),
-    image_size: Optional[int] = typer.Option(None, help="Input size, a multiple of 16 (default: dataset's)."),
-    epochs: Optional[int] = typer.Option(None, help="Epochs (default: the dataset's)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per forward pass."),
-    effective_batch: Optional[int] = typer.Option(None, help="Images per optimiser step (accumulation)."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the dataset's)."),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16"),
-    attention: Optional[str] = typer.Option(None, help="sdpa (default, fused kernel) | reference (SAM's own)."),
-    grad_checkpoint: Optional[bool] = typer.Option(None, "--grad-checkpoint/--no-grad-checkpoint",
-                                                   help="Recompute each encoder block in backward (less memory)."),
-    cache_embeddings: Optional[str] = typer.Option(None, help="auto (default) | on | off: encode each training "
-                                                              "image once when the encoder is frozen plain SAM."),
-    cache_max_mb: Optional[int] = typer.Option(None, help="RAM the embedding cache may use (default 4096)."),
-    loss: Optional[str] = typer.Option(None, help="structure | balanced-bce | bce | dice (default: dataset's)."),
-    method_arg: Optional[List[str]] = typer.Option(None, "--method-arg", help="key=value, repeatable."),
-    out: Optional[str] = typer.Option(None, help="Parent folder of the run folder (default: results)."),
-    name: Optional[str] = typer.Option(None, help="Run folder name (default: dataset_method_model_size_sSEED)."),
-    limit_train: Optional[int] = typer.Option(None, help="Use only the first N training images."),
-    limit_eval: Optional[int] = typer.Option(None, help="Use only the first N images of each eval split."),
-    eval_resolution: Optional[str] = typer.Option(None, help="gt (default) | model (official code's)."),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes."),
-    datasets_file: Optional[str] = typer.Option(None, help="Extra dataset registry (YAML)."),
-    data_root: Optional[str] = typer.Option(None, help="Data root (default: $SAMFIT_DATA)."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable/invalid images, counting them."),
-    detect_anomaly: bool = typer.Option(False, "--detect-anomaly", help="torch anomaly detection (slow)."),
+    settings: dict,
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file of run settings (flags given win)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run folder's last checkpoint."),
-    config: Optional[str] = typer.Option(None, "--config", help="YAML file of run settings (flags win)."),
+    print_config: bool = typer.Option(False, "--print-config",
+                                      help="Print the resolved settings as YAML and exit without training."),
     nproc: int = typer.Option(1, "--nproc", help="Train on N processes (GPUs) with torchrun; the batch is global."),
 ):
-    """Fine-tune SAM with one method on one dataset, evaluate, and write a run folder."""
+    """Fine-tune SAM with one method on one dataset, evaluate, and write a run folder.
+
+    Settings, lowest precedence first: samfit's defaults < the dataset's (datasets.yaml) < --config < flags."""
+    from samfit.config import make_config
+
+    cfg = make_config(config, **settings)
+    if print_config:
+        import yaml
+
+        from samfit.data import resolve_dataset
+
+        resolved = cfg.resolved(resolve_dataset(cfg.dataset, cfg.datasets_file))
+        sys.stdout.write(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+        return
     if nproc > 1:
         from samfit.engine.distributed import launch
 
         raise typer.Exit(launch(nproc, sys.argv[1:]))
-    from samfit.config import make_config
     from samfit.engine.train import run as run_training
-    from samfit.methods.base import parse_method_args
 
-    cfg = make_config(config, method=method, dataset=dataset, model=model, checkpoint=checkpoint,
-                      image_size=image_size, epochs=epochs, batch_size=batch_size,
-                      effective_batch=effective_batch, lr=lr, seed=seed, device=device, precision=precision,
-                      attention=attention, grad_checkpoint=grad_checkpoint, cache_embeddings=cache_embeddings,
-                      cache_max_mb=cache_max_mb,
-                      loss=loss, method_args=parse_method_args(method_arg) or None, out=out, name=name,
-                      limit_train=limit_train, limit_eval=limit_eval, eval_resolution=eval_resolution,
-                      num_workers=num_workers, datasets_file=datasets_file, data_root=data_root,
-                      skip_bad=skip_bad or None, detect_anomaly=detect_anomaly or None)
     run_dir = run_training(cfg, resume=resume)
     from samfit.engine.distributed import is_main_process
 
@@ -173,12 +150,9 @@ def grid(
     from samfit.launch import launch
     from samfit.launch.slurm import SlurmOptions
 
-    extra = {}
-    for pair in slurm_arg or []:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SamfitError(f"--slurm-arg '{pair}' is not of the form KEY=VALUE (e.g. --slurm-arg exclude=node3).")
-        extra[key.strip().replace("-", "_")] = value.strip()
+    from samfit.keyvalue import parse_pairs
+
+    extra = parse_pairs(slurm_arg, "--slurm-arg", "exclude=node3")
     slurm = SlurmOptions(partition=partition, time_min=time, gpus_per_task=gpus_per_task, cpus_per_task=cpus_per_task,
                          mem_gb=mem_gb, account=account, qos=qos, constraint=constraint,
                          array_parallelism=array_parallelism, setup=list(slurm_setup or []), extra=extra,
@@ -187,14 +161,38 @@ def grid(
            settings=set_, overwrite=overwrite, slurm=slurm, wait=wait, console=err)
 
 
+def _listed(option: str, text: str, allowed) -> list[str]:
+    """'a,b' -> ['a', 'b'], each one of `allowed`."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise SamfitError(f"{option} {text!r}: give one or more of {', '.join(allowed)}, comma-separated.")
+    return values
+
+
+def _bench_methods(text: str) -> list[str]:
+    import samfit
+
+    if text.strip() == "none":
+        return []
+    names = samfit.list_methods() if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    for name in names:
+        samfit.get_method(name)  # an unknown name raises with a suggestion
+    return names
+
+
 @app.command()
 def bench(
     methods: str = typer.Option("all", help="Comma-separated methods, 'all', or 'none' (with --data)."),
     model: str = typer.Option("vit_b", help="vit_b | vit_l | vit_h | tiny (random weights: speed, memory)."),
     image_size: int = typer.Option(256, help="Input size, a multiple of 16."),
-    batch: int = typer.Option(2, help="Images per step."),
+    batch: int = typer.Option(2, help="Images per forward pass."),
+    effective_batch: Optional[int] = typer.Option(None, help="Images per optimiser step (accumulation; default: "
+                                                             "--batch). A timed step is one optimiser step."),
+    num_classes: int = typer.Option(1, help="1: binary (structure loss); >1: mask classification."),
     steps: int = typer.Option(10, help="Timed training steps and evaluation batches per configuration."),
     warmup: int = typer.Option(2, help="Untimed steps per configuration first."),
+    baseline: str = typer.Option("lora", help="Method every ratio is to."),
     out: str = typer.Option("results/bench", help="Folder for bench.json, bench_meta.json, bench.md."),
     attention: str = typer.Option("sdpa", help="sdpa | reference, or both: sdpa,reference."),
     precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 | auto, or several, comma-separated."),
@@ -207,17 +205,36 @@ def bench(
     num_workers: int = typer.Option(2, help="DataLoader workers for --data."),
     data_batches: int = typer.Option(20, help="Batches timed for --data."),
     data_root: Optional[str] = typer.Option(None, help="Data root (default: $SAMFIT_DATA)."),
-    threads: Optional[int] = typer.Option(None, help="torch intra-op threads (default: torch's)."),
+    threads: Optional[int] = typer.Option(None, help="torch intra-op threads (default: torch's; on a CPU shared "
+                                                     "with other work, fewer threads than cores steadies timing)."),
 ):
     """Time training steps, evaluation and peak memory of methods side by side (interleaved), with ratios to
-    LoRA; optionally the data pipeline's images/s."""
-    from samfit.engine.bench import bench as run_bench
+    the baseline; optionally the data pipeline's images/s."""
+    import torch
 
-    checkpoint = "off,on" if compare_grad_checkpoint else ("on" if grad_checkpoint else "off")
-    path, text = run_bench(methods, model, image_size, batch, steps, out, warmup, attention, precision, checkpoint,
-                           device, memory, data, num_workers, data_batches, data_root, threads=threads,
-                           log=lambda msg: err.print(msg))
-    sys.stdout.write(text)
+    from samfit.config import allowed_values
+    from samfit.engine.bench import Shape, data_throughput, run_bench
+    from samfit.engine.step import pick_device, resolve_precision
+    from samfit.report.bench import write_bench
+
+    if threads is not None:
+        if threads < 1:
+            raise SamfitError(f"--threads {threads}: must be >= 1.")
+        torch.set_num_threads(threads)
+    dev = pick_device(_listed("--device", device, allowed_values("device"))[0])
+    shape = Shape(model, image_size, batch, dev.type, effective_batch, num_classes)
+    attentions = _listed("--attention", attention, allowed_values("attention"))
+    precisions = [resolve_precision(p, dev) for p in _listed("--precision", precision, allowed_values("precision"))]
+    checkpoints = [False, True] if compare_grad_checkpoint else [grad_checkpoint]
+    names = _bench_methods(methods)
+    if not names and not data:
+        raise SamfitError("Nothing to measure: give --methods and/or --data.")
+    records, meta = run_bench(names, shape, steps, warmup, attentions, precisions, checkpoints, memory, baseline,
+                              log=lambda msg: err.print(msg)) if names else ([], {})
+    data_result = data_throughput(data, image_size, batch, num_workers, data_batches, dev.type, data_root) \
+        if data else None
+    path = write_bench(out, records, meta, data_result)
+    sys.stdout.write(path.read_text())
     err.print(f"[green]wrote[/] {path.parent}")
 
 
@@ -279,7 +296,7 @@ def weights_download(variant: str = typer.Argument(..., help="vit_b | vit_l | vi
     from samfit.model.sam import checkpoint_dir, get_variant, weights_url
 
     v = get_variant(variant)
-    if v.file is None:
+    if not v.has_weights:
         raise SamfitError(f"Model '{variant}' has no official weights (it is random, for tests).")
     dest = checkpoint_dir() / v.file
     download_file(weights_url(variant), dest, md5=v.md5)

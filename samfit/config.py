@@ -1,73 +1,219 @@
-"""RunConfig: everything one run needs. Precedence: defaults < datasets.yaml < --config file < CLI flags."""
+"""RunConfig: everything one run needs, and the one place its settings are declared.
+
+Every field carries its help text and, where it has them, its allowed values and lower bound (`setting()`).
+The CLI options of `samfit run`, `--config` files, grid files, `--set KEY=VALUE` and validation are all derived
+from these fields. Precedence, lowest first: the defaults here < the dataset's defaults in datasets.yaml (they
+fill only fields left unset, None: image_size, epochs, lr, loss) < a `--config` file < flags given on the
+command line (a flag not given never overrides the file).
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from samfit.errors import SamfitError
+from samfit.errors import SamfitError, closest
+from samfit.keyvalue import parse_pairs
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+EVAL_RESOLUTIONS = ("gt", "model")
+CACHE_MODES = ("auto", "on", "off")
+
+
+def _attention_kinds() -> tuple[str, ...]:
+    from samfit.model.attention import ATTENTION_KINDS
+
+    return ATTENTION_KINDS
+
+
+def _loss_names() -> tuple[str, ...]:
+    from samfit.losses import LOSSES, MASK_CLASSIFICATION
+
+    return (*LOSSES, MASK_CLASSIFICATION)
+
+
+def setting(default, help: str, choices=None, minimum=None, positive=False, flag: str | None = None):
+    """A RunConfig field: its default, help text, allowed values (a tuple, or a function returning one, read
+    lazily) and bounds (`minimum` inclusive, `positive` for > 0). `flag` renames the CLI option."""
+    meta = {"help": help, "choices": choices, "minimum": minimum, "positive": positive, "flag": flag}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class RunConfig:
-    method: str = "lora"
-    dataset: str = "shapes"
-    model: str = "tiny"
-    checkpoint: str | None = None
-    image_size: int | None = None  # None: the dataset's default (the tiny model: 128)
-    epochs: int | None = None  # None: the dataset's default
-    lr: float | None = None  # None: the dataset's default
-    batch_size: int = 4
-    effective_batch: int = 4  # gradient accumulation up to this many images per optimiser step
-    weight_decay: float = 1e-4
-    grad_clip: float = 1.0
-    flip: bool = True
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"  # auto: fp16 autocast on CUDA, fp32 on CPU; or fp32 | bf16 | fp16
-    attention: str = "sdpa"
-    grad_checkpoint: bool = False
-    loss: str | None = None  # None: the dataset's default
-    method_args: dict = field(default_factory=dict)
-    limit_train: int | None = None
-    limit_eval: int | None = None
-    eval_resolution: str = "gt"  # gt: the ground truth's own size; model: the input size (official code)
-    num_workers: int = 0
-    datasets_file: str | None = None
-    data_root: str | None = None
-    skip_bad: bool = False
-    detect_anomaly: bool = False
-    cache_embeddings: str = "auto"  # frozen plain encoder (decoder-only): auto | on | off
-    cache_max_mb: int = 4096  # RAM the embedding cache may take (auto: train uncached above it; on: error)
-    out: str = "results"
-    name: str | None = None
+    method: str = setting("lora", "PEFT method (see `samfit methods`).")
+    dataset: str = setting("shapes", "Registry name (see `samfit datasets`), a folder in the canonical layout, "
+                                     "or a CSV of image,label pairs.")
+    model: str = setting("tiny", "SAM variant: vit_b | vit_l | vit_h, or tiny (random weights, for tests).")
+    checkpoint: str | None = setting(None, "SAM checkpoint file (default: the official file in "
+                                           "$SAMFIT_CHECKPOINTS).")
+    image_size: int | None = setting(None, "Input size, a multiple of 16 (default: the dataset's; tiny: 128).",
+                                     positive=True)
+    epochs: int | None = setting(None, "Epochs (default: the dataset's).", positive=True)
+    lr: float | None = setting(None, "Peak learning rate (default: the dataset's).", positive=True)
+    batch_size: int = setting(4, "Images per forward pass.", positive=True)
+    effective_batch: int = setting(4, "Images per optimiser step (gradient accumulation), a multiple of "
+                                      "batch_size.", positive=True)
+    weight_decay: float = setting(1e-4, "AdamW weight decay.", minimum=0)
+    grad_clip: float = setting(1.0, "Clip the gradient norm at this value.", positive=True)
+    flip: bool = setting(True, "Horizontal flip with p=0.5 (the only augmentation).")
+    seed: int = setting(0, "Seed of initialisation, order and augmentation.", minimum=0)
+    device: str = setting("auto", "auto takes CUDA when present.", choices=DEVICES)
+    precision: str = setting("auto", "auto: fp16 autocast on CUDA, fp32 on CPU.", choices=PRECISIONS)
+    attention: str = setting("sdpa", "sdpa (fused kernel) or reference (SAM's own code).",
+                             choices=_attention_kinds)
+    grad_checkpoint: bool = setting(False, "Recompute each encoder block in backward (less memory).")
+    loss: str | None = setting(None, "Binary loss (default: the dataset's).", choices=_loss_names)
+    method_args: dict = setting({}, "The method's hyperparameters, key=value (see `samfit methods`).",
+                                flag="method-arg")
+    limit_train: int | None = setting(None, "Use only the first N training images.", positive=True)
+    limit_eval: int | None = setting(None, "Use only the first N images of each evaluation split.",
+                                     positive=True)
+    eval_resolution: str = setting("gt", "Score at the ground truth's size (gt) or at the input size (model, "
+                                         "as the official code).", choices=EVAL_RESOLUTIONS)
+    num_workers: int = setting(0, "DataLoader worker processes.", minimum=0)
+    datasets_file: str | None = setting(None, "Extra dataset registry (YAML).")
+    data_root: str | None = setting(None, "Data root (default: $SAMFIT_DATA).")
+    skip_bad: bool = setting(False, "Skip unreadable or invalid images, counting them.")
+    detect_anomaly: bool = setting(False, "torch anomaly detection (slow).")
+    cache_embeddings: str = setting("auto", "Encode each training image once when the encoder is frozen plain "
+                                            "SAM (decoder-only).", choices=CACHE_MODES)
+    cache_max_mb: int = setting(4096, "RAM the embedding cache may take (auto: train uncached above it; on: "
+                                      "error).", minimum=0)
+    out: str = setting("results", "Parent folder of the run folder.")
+    name: str | None = setting(None, "Run folder name (default: dataset_method_model_size_sSEED).")
 
-    def resolved(self, spec) -> "RunConfig":
-        """Fill the dataset's defaults where the user gave none; validate choices."""
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, coerce(f.name, getattr(self, f.name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Allowed values and bounds of every field; relations between fields."""
+        for f in dataclasses.fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None:
+                continue
+            choices = allowed_values(f.name)
+            if choices and value not in choices:
+                raise SamfitError(f"{option_name(f.name)} {value!r}: choose one of {', '.join(choices)}."
+                                  f"{closest(str(value), choices)}")
+            if meta["positive"] and value <= 0 or meta["minimum"] is not None and value < meta["minimum"]:
+                bound = "> 0" if meta["positive"] else f">= {meta['minimum']}"
+                raise SamfitError(f"{option_name(f.name)} {value}: must be {bound}.")
+        from samfit.methods.base import get_method
         from samfit.model.sam import check_image_size, get_variant
 
-        variant = get_variant(self.model)
-        size = self.image_size or (variant.default_size if self.model == "tiny" else spec.image_size)
-        check_image_size(size)
-        cfg = dataclasses.replace(self, image_size=size, epochs=self.epochs or spec.epochs,
-                                  lr=self.lr if self.lr is not None else spec.lr, loss=self.loss or spec.loss)
-        for key, allowed in {"device": ("auto", "cpu", "cuda"), "precision": ("auto", "fp32", "bf16", "fp16"),
-                             "eval_resolution": ("gt", "model"), "attention": ("sdpa", "reference"),
-                             "cache_embeddings": ("auto", "on", "off")}.items():
-            if getattr(cfg, key) not in allowed:
-                raise SamfitError(f"--{key.replace('_', '-')} {getattr(cfg, key)!r}: choose one of {', '.join(allowed)}.")
-        if cfg.batch_size < 1 or cfg.effective_batch < cfg.batch_size or cfg.effective_batch % cfg.batch_size:
-            raise SamfitError(f"--effective-batch {cfg.effective_batch} must be a multiple of --batch-size "
-                              f"{cfg.batch_size}.")
-        return cfg
+        get_variant(self.model)
+        if self.image_size is not None:
+            check_image_size(self.image_size)
+        get_method(self.method, **self.method_args)  # the method's own Config checks its arguments
+        if self.effective_batch % self.batch_size:
+            raise SamfitError(f"--effective-batch {self.effective_batch} must be a multiple of --batch-size "
+                              f"{self.batch_size}.")
+
+    def resolved(self, spec) -> "RunConfig":
+        """Fill the dataset's defaults where the user gave none."""
+        from samfit.model.sam import get_variant
+
+        size = self.image_size or get_variant(self.model).fixed_size or spec.image_size
+        return dataclasses.replace(self, image_size=size, epochs=self.epochs or spec.epochs,
+                                   lr=self.lr if self.lr is not None else spec.lr, loss=self.loss or spec.loss)
 
     def run_name(self) -> str:
         return self.name or f"{Path(self.dataset).stem}_{self.method}_{self.model}_{self.image_size}_s{self.seed}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_TYPES = typing.get_type_hints(RunConfig)
+
+
+def field_type(key: str) -> type:
+    """The field's value type without Optional: int, float, str, bool or dict."""
+    kind = _TYPES[key]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if args else kind
+
+
+def allowed_values(key: str) -> tuple[str, ...] | None:
+    choices = FIELDS[key].metadata["choices"]
+    return choices() if callable(choices) else choices
+
+
+def option_name(key: str) -> str:
+    return "--" + (FIELDS[key].metadata["flag"] or key.replace("_", "-"))
+
+
+def help_text(key: str) -> str:
+    f = FIELDS[key]
+    text = f.metadata["help"]
+    choices = allowed_values(key)
+    if choices:
+        text += f" One of: {', '.join(choices)}."
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if default not in (None, {}):
+        text += f" Default: {default}."
+    return text
+
+
+def coerce(key: str, value, where: str = ""):
+    """A value from a file, a flag or `--set` as the field's type; a clear error when it cannot be one."""
+    if key not in FIELDS:
+        raise SamfitError(f"{where}unknown setting '{key}'.{closest(key, FIELDS)} Valid: {', '.join(FIELDS)}.")
+    if value is None:
+        return None
+    kind = field_type(key)
+    problem = f"{where}{key} must be {_article(kind)}, got {value!r}."
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise SamfitError(problem + " Give a mapping, e.g. {rank: 4}.")
+        return dict(value)
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0", "on", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if not isinstance(value, bool):
+            raise SamfitError(problem + " Use true or false.")
+        return value
+    if kind in (int, float):
+        if isinstance(value, bool):
+            raise SamfitError(problem)
+        if isinstance(value, str):
+            try:
+                value = float(value) if kind is float else int(value)
+            except ValueError:
+                raise SamfitError(problem) from None
+        if kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if not isinstance(value, (int, float)) or kind is int and not isinstance(value, int):
+            raise SamfitError(problem)
+        if kind is float and not math.isfinite(value):
+            raise SamfitError(problem + " It must be finite.")
+        return kind(value)
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        raise SamfitError(problem)
+    return str(value)
+
+
+def _article(kind: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", dict: "a mapping"}.get(kind, "a string")
+
+
+def check_keys(where: str, mapping) -> dict:
+    """A mapping of settings (a file, a grid's defaults) with every key a RunConfig field and every value
+    coerced to its type."""
+    if not isinstance(mapping, dict):
+        raise SamfitError(f"{where} must be a mapping of settings, got {type(mapping).__name__}.")
+    return {k: coerce(k, v, f"{where}: ") for k, v in mapping.items()}
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -78,11 +224,20 @@ def load_config_file(path: str | Path) -> dict:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise SamfitError(f"{path} is not valid YAML: {exc}") from None
-    valid = {f.name for f in dataclasses.fields(RunConfig)}
-    unknown = sorted(set(data) - valid)
-    if unknown:
-        raise SamfitError(f"{path}: unknown settings {unknown}. Valid: {sorted(valid)}.")
-    return data
+    return check_keys(str(path), data)
+
+
+def parse_set(pairs: list[str] | None, option: str = "--set") -> dict:
+    """['epochs=1', 'device=cpu'] -> {'epochs': 1, 'device': 'cpu'}: values read as YAML scalars, then
+    coerced to the field's type."""
+    out = {}
+    for key, text in parse_pairs(pairs, option, "epochs=1").items():
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        out[key] = coerce(key, text if field_type(key) is str and value is not None else value, f"{option} ")
+    return out
 
 
 def make_config(file: str | Path | None = None, **flags) -> RunConfig:

@@ -30,20 +30,19 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
-from samfit.config import RunConfig
+from samfit.config import FIELDS, RunConfig, check_keys, coerce
 from samfit.engine import rundir
 from samfit.errors import SamfitError, closest
 
 TOP_KEYS = ("name", "description", "out", "defaults", "axes", "overrides", "exclude")
 NAMED_AXES = ("dataset", "method", "model", "image_size", "seed")  # already in RunConfig.run_name()
 RESERVED = ("name", "out")  # set by the grid itself
-FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 IGNORED_IN_COMPARISON = ("out",)  # a run folder is identified by where it is, not by the path used to reach it
 
 
@@ -87,20 +86,8 @@ def _check_keys(where: str, mapping, allowed, kind: str = "setting") -> None:
                               f"Valid: {', '.join(allowed)}.")
 
 
-def _coerce(where: str, key: str, value):
-    """YAML reads `1e-4` as a string: turn numbers-as-text into the field's number type."""
-    kind = {f.name: str(f.type) for f in dataclasses.fields(RunConfig)}[key]
-    if isinstance(value, str) and ("float" in kind or "int" in kind):
-        try:
-            return float(value) if "float" in kind else int(value)
-        except ValueError:
-            raise SamfitError(f"{where}: {key} must be a number, got {value!r}.") from None
-    return value
-
-
 def _check_settings(where: str, settings, axes=()) -> dict:
-    _check_keys(where, settings or {}, FIELDS)
-    settings = {k: _coerce(where, k, v) for k, v in (settings or {}).items()}
+    settings = check_keys(where, settings or {})
     for key in settings:
         if key in RESERVED:
             raise SamfitError(f"{where}: '{key}' is set by the grid (use the grid's top-level `out:` or "
@@ -110,25 +97,9 @@ def _check_settings(where: str, settings, axes=()) -> dict:
     return settings
 
 
-def parse_set(pairs: list[str] | None) -> dict:
-    """['epochs=1', 'device=cpu'] -> {'epochs': 1, 'device': 'cpu'} (values parsed as YAML scalars)."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SamfitError(f"--set '{pair}' is not of the form KEY=VALUE (e.g. --set epochs=1).")
-        key, value = pair.split("=", 1)
-        key = key.strip().replace("-", "_")
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            out[key] = value
-    return out
-
-
 def load_grid(path: str | Path, out: str | None = None, overrides: dict | None = None) -> Grid:
     """Read and validate a grid file and expand it into resolved RunConfigs with stable names."""
     from samfit.data import resolve_dataset
-    from samfit.methods.base import get_method
 
     path = Path(path)
     if not path.is_file():
@@ -153,7 +124,7 @@ def load_grid(path: str | Path, out: str | None = None, overrides: dict | None =
                               f"structured settings under `overrides`.")
         if len(set(map(str, values))) != len(values):
             raise SamfitError(f"{path}: axis '{key}' lists a value twice: {values}.")
-        axes[key] = [_coerce(f"{path}: axis", key, v) for v in values]
+        axes[key] = [coerce(key, v, f"{path}: axis ") for v in values]
     defaults = _check_settings(f"{path}: defaults", data.get("defaults"), axes)
     per_axis = data.get("overrides") or {}
     _check_keys(f"{path}: overrides", per_axis, list(axes), "axis")
@@ -162,7 +133,7 @@ def load_grid(path: str | Path, out: str | None = None, overrides: dict | None =
         if not isinstance(table, dict):
             raise SamfitError(f"{path}: overrides.{key} must map values of axis '{key}' to settings.")
         for value, settings in table.items():
-            match = [v for v in axes[key] if str(v) == str(value) or v == _coerce("overrides", key, value)]
+            match = [v for v in axes[key] if str(v) == str(value) or v == coerce(key, value, f"{path}: overrides ")]
             if not match:
                 raise SamfitError(f"{path}: overrides.{key}.{value}: '{value}' is not a value of axis '{key}' "
                                   f"({', '.join(map(str, axes[key]))}).")
@@ -172,7 +143,7 @@ def load_grid(path: str | Path, out: str | None = None, overrides: dict | None =
         raise SamfitError(f"{path}: `exclude` must be a list of partial runs, e.g. - {{method: lst, dataset: sbu}}.")
     for i, rule in enumerate(exclude):
         _check_keys(f"{path}: exclude[{i}]", rule, list(axes), "axis")
-    cli = _check_settings("--set", overrides, axes)
+    cli = _check_settings("--set", overrides or {}, axes)
 
     out_dir = out or data.get("out") or str(Path("results") / (data.get("name") or path.stem))
     out_dir = str(Path(out_dir).expanduser().resolve())
@@ -192,11 +163,8 @@ def load_grid(path: str | Path, out: str | None = None, overrides: dict | None =
             key = (cfg.dataset, cfg.datasets_file)
             spec = specs[key] if key in specs else specs.setdefault(key, resolve_dataset(*key))
             cfg = cfg.resolved(spec)
-            get_method(cfg.method, **cfg.method_args)
         except SamfitError as exc:
             raise SamfitError(f"{path}: run ({where}): {exc}") from None
-        except TypeError as exc:
-            raise SamfitError(f"{path}: run ({where}): invalid settings: {exc}") from None
         suffix = "".join(f"_{k}-{point[k]}" for k in axes if k not in NAMED_AXES)
         name = cfg.run_name() + suffix
         if name in names:
@@ -217,38 +185,22 @@ def comparable(config: dict) -> dict:
     return {k: v for k, v in full.items() if k not in IGNORED_IN_COMPARISON}
 
 
-def lock_owner(run_dir: Path) -> tuple[str, int] | None:
-    lock = run_dir / "run.lock"
-    try:
-        host, _, pid = lock.read_text().strip().partition(" ")
-    except OSError:
-        return None
-    if not pid.isdigit():
-        return None
-    return host, int(pid)
+JobAlive = Callable[[str, "str | None"], bool]  # (job id, cluster) -> whether the scheduler still has the job
 
 
-def alive_here(host: str, pid: int) -> bool | None:
-    """True/False for a process on this host; None when the owner is on another host (cannot tell)."""
-    if host != socket.gethostname():
-        return None
-    return rundir.pid_alive(pid)
-
-
-def inspect(cfg: RunConfig) -> PlannedRun:
-    """What is on disk for this run: done, partial (resumable), failed, changed (other settings), busy, new."""
+def inspect(cfg: RunConfig, job_alive: JobAlive | None = None) -> PlannedRun:
+    """What is on disk for this run: done, partial (resumable), failed, changed (other settings), busy, new.
+    `job_alive` answers for runs a scheduler holds (status "submitted"); the SLURM launcher passes its own."""
 
     folder = Path(cfg.out) / cfg.name
     config_file = folder / "config.yaml"
-    owner = lock_owner(folder)
+    owner = rundir.lock_owner(folder)
     if owner is not None:
-        alive = alive_here(*owner)
+        alive = rundir.owner_alive(*owner)
         if alive or alive is None:
             return PlannedRun(cfg, "busy", f"locked by process {owner[1]} on {owner[0]}")
     status = rundir.read_status(folder)
-    if status.get("status") == "submitted":
-        from samfit.launch.slurm import job_alive
-
+    if status.get("status") == "submitted" and job_alive is not None:
         if job_alive(str(status.get("job_id")), status.get("cluster")):
             return PlannedRun(cfg, "busy", f"queued or running as job {status.get('job_id')}")
     if not config_file.is_file():
@@ -269,15 +221,15 @@ def inspect(cfg: RunConfig) -> PlannedRun:
     return PlannedRun(cfg, "partial", "resumes from checkpoints/last.pt" if has_ckpt else "restarts (no checkpoint)")
 
 
-def plan(grid: Grid) -> list[PlannedRun]:
-    return [inspect(cfg) for cfg in grid.runs]
+def plan(grid: Grid, job_alive: JobAlive | None = None) -> list[PlannedRun]:
+    return [inspect(cfg, job_alive) for cfg in grid.runs]
 
 
 def preflight(runs: list[RunConfig]) -> None:
     """Before launching anything: every dataset is prepared (synthetic ones are generated here, once, not by
     concurrent workers) and every SAM checkpoint is there. Raises SamfitError naming what is missing."""
     from samfit.data import ensure_available, resolve_dataset
-    from samfit.model.sam import resolve_checkpoint
+    from samfit.model.sam import get_variant, resolve_checkpoint
 
     problems, seen = [], set()
     for cfg in runs:
@@ -289,7 +241,7 @@ def preflight(runs: list[RunConfig]) -> None:
             except SamfitError as exc:
                 problems.append(str(exc))
         key = ("model", cfg.model, cfg.checkpoint)
-        if cfg.model != "tiny" and key not in seen:
+        if get_variant(cfg.model).has_weights and key not in seen:
             seen.add(key)
             try:
                 resolve_checkpoint(cfg.model, cfg.checkpoint)

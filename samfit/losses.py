@@ -90,6 +90,9 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
+MASK_CLASSIFICATION = "mask-classification"  # the loss of multi-class tasks (`mask_classification_loss`)
+
+
 def get_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The binary loss called `name` (one of `LOSSES`)."""
     if name not in LOSSES:

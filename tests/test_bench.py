@@ -1,4 +1,5 @@
-"""samfit bench: records, ratios to LoRA, round-robin order, memory per subprocess, data throughput, CLI."""
+"""samfit bench: records, ratios to the baseline, round-robin order, memory per subprocess, data throughput, CLI,
+and the training step it times being `samfit run`'s own."""
 import json
 import os
 import subprocess
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from samfit.engine import profile
-from samfit.engine.bench import add_ratios, bench, round_robin
-from samfit.errors import SamfitError
+from samfit.engine.bench import Bench, Setting, Shape, add_ratios, data_throughput, round_robin, run_bench
+from samfit.report.bench import write_bench
 
 KEYS = {"method", "step_time_s", "train_img_per_s", "eval_img_per_s", "peak_memory_mb", "trainable_params",
         "attention", "precision", "grad_checkpoint", "device"}
@@ -18,20 +19,23 @@ KEYS = {"method", "step_time_s", "train_img_per_s", "eval_img_per_s", "peak_memo
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
-def test_bench_writes_records_with_ratios_to_lora(tmp_path, data_root):
-    path, text = bench("lora,decoder-only", "tiny", 64, 2, steps=2, out=tmp_path, warmup=1,
-                       attention="sdpa", grad_checkpoint="off", device="cpu", memory=True,
-                       data="shapes", num_workers=1, data_batches=3, log=lambda *_: None)
+def test_bench_writes_records_with_ratios_to_the_baseline(tmp_path, data_root):
+    shape = Shape("tiny", 64, 2, "cpu")
+    records, meta = run_bench(["lora", "decoder-only"], shape, steps=2, warmup=1, memory=True, log=lambda *_: None)
+    data = data_throughput("shapes", 64, 2, num_workers=1, batches=3, device="cpu")
+    path = write_bench(tmp_path, records, meta, data)
+    text = path.read_text()
     records = json.loads((tmp_path / "bench.json").read_text())
     assert [(r["method"], r["attention"]) for r in records] == [("lora", "sdpa"), ("decoder-only", "sdpa")]
     for r in records:
         assert KEYS <= r.keys()
         assert r["step_time_s"] > 0 and r["train_img_per_s"] > 0 and r["eval_img_per_s"] > 0
         assert r["peak_memory_mb"] > 0 and len(r["step_times_s"]) == 2 and r["device"] == "cpu"
-    assert records[0]["step_time_s_vs_lora"] == 1.0 and records[0]["peak_memory_mb_vs_lora"] == 1.0
+    assert records[0]["step_time_s_vs_baseline"] == 1.0 and records[0]["peak_memory_mb_vs_baseline"] == 1.0
     assert records[1]["trainable_params"] < records[0]["trainable_params"]
     meta = json.loads((tmp_path / "bench_meta.json").read_text())
     assert meta["machine"]["cores"] and meta["peak_memory_kind"] == "cpu_peak_rss_above_baseline"
+    assert meta["baseline"] == "lora"
     data = json.loads((tmp_path / "data.json").read_text())
     assert data["img_per_s"] > 0 and data["images"] == 6 and data["persistent_workers"]
     assert "| decoder-only | sdpa | fp32 | off |" in text and "Data loading (shapes" in text
@@ -52,13 +56,16 @@ def test_round_robin_rotates_the_starting_configuration():
     assert calls == list("abc" "bca" "cab" "abc")
 
 
-def test_ratios_are_to_the_first_lora_record():
+def test_ratios_are_to_the_first_record_of_the_baseline():
     records = add_ratios([{"method": "lst", "step_time_s": 3.0, "train_img_per_s": 1.0, "eval_img_per_s": 2.0,
                            "peak_memory_mb": 50.0, "trainable_params": 10},
                           {"method": "lora", "step_time_s": 2.0, "train_img_per_s": 2.0, "eval_img_per_s": 4.0,
                            "peak_memory_mb": 100.0, "trainable_params": 20}])
-    assert records[0]["step_time_s_vs_lora"] == 1.5 and records[0]["peak_memory_mb_vs_lora"] == 0.5
-    assert records[0]["eval_img_per_s_vs_lora"] == 0.5 and records[0]["trainable_params_vs_lora"] == 0.5
+    assert records[0]["step_time_s_vs_baseline"] == 1.5 and records[0]["peak_memory_mb_vs_baseline"] == 0.5
+    assert records[0]["eval_img_per_s_vs_baseline"] == 0.5 and records[0]["trainable_params_vs_baseline"] == 0.5
+    records = add_ratios(records, baseline="lst")
+    assert records[1]["step_time_s_vs_baseline"] == 2.0 / 3.0 and records[0]["step_time_s_vs_baseline"] == 1.0
+    assert add_ratios(records, baseline="ssf")[0]["step_time_s_vs_baseline"] is None
 
 
 def test_peak_memory_counts_the_work_after_the_reset_not_before():
@@ -72,27 +79,64 @@ def test_peak_memory_counts_the_work_after_the_reset_not_before():
     del block
 
 
-def test_bad_options_are_user_errors(tmp_path):
-    with pytest.raises(SamfitError, match="--attention"):
-        bench("lora", "tiny", 64, 1, 1, tmp_path, attention="flash", device="cpu")
-    with pytest.raises(SamfitError, match="Did you mean"):
-        bench("lorra", "tiny", 64, 1, 1, tmp_path, device="cpu")
-    with pytest.raises(SamfitError, match="Nothing to measure"):
-        bench("none", "tiny", 64, 1, 1, tmp_path, device="cpu")
+def _bench_cli(tmp_path, *args):
+    return subprocess.run([sys.executable, "-m", "samfit", "bench", "--model", "tiny", "--image-size", "64",
+                           "--batch", "1", "--steps", "1", "--warmup", "0", "--no-memory", "--device", "cpu",
+                           "--out", str(tmp_path), *args],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "lora", "--attention", "flash"], "--attention 'flash': give one or more of sdpa, reference"),
+    (["--methods", "lorra"], "Did you mean 'lora'"),
+    (["--methods", "none"], "Nothing to measure"),
+    (["--methods", "lora", "--precision", "fp8"], "--precision 'fp8'"),
+    (["--methods", "lora", "--effective-batch", "3", "--batch", "2"], "multiple of --batch-size"),
+    (["--methods", "lora", "--image-size", "70"], "multiple of 16"),
+])
+def test_bad_options_are_user_errors(tmp_path, args, message):
+    proc = _bench_cli(tmp_path, *args)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_bench_times_the_training_step_of_samfit_run():
+    """A bench step and a run's step (train.build_model_for + train.make_train_step, what `samfit run` builds)
+    on the same batch give the same loss and gradients, with accumulation, the multi-class loss, Conv-LoRA's
+    auxiliary loss and clipping in play: bench measures the run's computation, not a copy of it."""
+    from samfit.config import RunConfig
+    from samfit.engine.train import build_model_for, make_train_step
+
+    shape = Shape("tiny", 64, 2, "cpu", effective_batch=4, num_classes=3)
+    bench = Bench(Setting("conv-lora"), shape, seed=0)
+    cfg = RunConfig(method="conv-lora", model="tiny", image_size=64, batch_size=2, effective_batch=4, lr=1e-5,
+                    epochs=1, loss="structure", device="cpu")
+    torch.manual_seed(0)
+    model = build_model_for(cfg, 3, torch.device("cpu"))
+    step = make_train_step(cfg, model, "multiclass", 3, total_steps=10**9, device=torch.device("cpu"))
+    assert type(step) is type(bench.step) and step.accum == bench.step.accum == 2
+    losses = {}
+    for name, (net, train_step) in {"bench": (bench.model, bench.step), "run": (model, step)}.items():
+        net.train()
+        torch.manual_seed(1)  # the same routing noise in both
+        loss, stepped = train_step(bench.images, bench.targets, 0)  # the first micro-batch: no optimiser step yet
+        assert not stepped and torch.isfinite(loss)
+        losses[name] = (loss, {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    (bench_loss, bench_grads), (run_loss, run_grads) = losses["bench"], losses["run"]
+    assert torch.equal(bench_loss, run_loss)  # one process, the same ops on the same inputs: bitwise equal
+    assert bench_grads.keys() == run_grads.keys() and any("lora" in n for n in run_grads)
+    assert all(torch.equal(bench_grads[n], run_grads[n]) for n in run_grads)
+    loss, stepped = bench.step(bench.images, bench.targets, 1)
+    assert stepped and all(p.grad is None for p in bench.model.parameters())  # stepped, then zeroed
 
 
 def test_bench_cli(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "samfit", "bench", "--methods", "conv-lora,lora", "--model", "tiny",
-                           "--image-size", "64", "--batch", "1", "--steps", "1", "--warmup", "0", "--no-memory",
-                           "--attention", "sdpa,reference", "--grad-checkpoint", "--device", "cpu",
-                           "--out", str(tmp_path)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = _bench_cli(tmp_path, "--methods", "conv-lora,lora", "--attention", "sdpa,reference", "--grad-checkpoint")
     assert proc.returncode == 0, proc.stderr
     records = json.loads((tmp_path / "bench.json").read_text())
     assert [(r["method"], r["attention"], r["grad_checkpoint"]) for r in records] == [
         (m, a, True) for m in ("conv-lora", "lora") for a in ("sdpa", "reference")]
     assert all(r["peak_memory_mb"] is None for r in records)
-    assert records[2]["step_time_s_vs_lora"] == 1.0  # LoRA with the first listed settings is the baseline
+    assert records[2]["step_time_s_vs_baseline"] == 1.0  # LoRA with the first listed settings is the baseline
     assert "| conv-lora | reference | fp32 | on |" in proc.stdout
 
 

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from samfit.errors import SamfitError
-from samfit.grid import inspect, load_grid, parse_set
+from samfit.config import parse_set
+from samfit.grid import inspect, load_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "benchmarks" / "smoke.yaml"

@@ -7,7 +7,7 @@ decoder, and an image encoder made only of SAM's and torch's own modules (no met
 patched forward other than activation checkpointing, which computes the same thing).
 
 Exactness: the engine draws each image's flip from the seeded (seed, epoch, batch) generator
-(`train.flip_choices`), so a cached batch holds exactly the embeddings the encoder would have produced for the
+(`sampling.flip_choices`), so a cached batch holds exactly the embeddings the encoder would have produced for the
 flipped or unflipped image. The encoder is run on batches of the training micro-batch size (the last batch
 padded to that size) and, for validation, in the evaluation's own batches, because a CPU GEMM's rounding can
 depend on the number of rows; the scores of a cached run are then those of the uncached run (tested).

@@ -4,9 +4,9 @@
 Design: the N processes together do exactly what one process does with the same settings.
 
 - Batches: `--batch-size` stays the *global* micro-batch. Every micro-batch of the one-process run (the same
-  images, in the same order, from `train.epoch_order`) is split into N equal consecutive shares of
+  images, in the same order, from `sampling.epoch_order`) is split into N equal consecutive shares of
   batch_size / N images (`shard`), and the horizontal flips are drawn for the whole micro-batch from the same
-  (seed, epoch, batch) generator, each rank keeping its share's flips (`part` in `train.flip_batch`).
+  (seed, epoch, batch) generator, each rank keeping its share's flips (`part` in `sampling.flip_batch`).
   batch_size must be a multiple of N. Gradient accumulation up to `--effective-batch` is unchanged.
 - Gradients: no DistributedDataParallel wrapper. After the backward passes of one optimiser step, the
   trainable parameters' gradients are averaged over the ranks in one flat all-reduce (`average_gradients`).
@@ -20,7 +20,7 @@ Design: the N processes together do exactly what one process does with the same 
   routing noise are per share, so those runs match one process statistically, not to rounding.
 - Evaluation: rank r scores images r, r+N, r+2N, ... (no image twice, none padded); the evaluators' states are
   gathered (`all_gather_object`) and merged, so every rank gets the full-set metrics.
-- Writing: only rank 0 writes the run folder (rundir.WRITER is False elsewhere) and holds its lock.
+- Writing: only rank 0 writes the run folder and holds its lock (train.py asks `is_main` at each write).
 - Backend: gloo on CPU, nccl on CUDA (each rank on cuda:LOCAL_RANK).
 """
 from __future__ import annotations
@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from samfit.engine import rundir
 from samfit.errors import SamfitError
 
 
@@ -142,7 +141,6 @@ class Context:
 
     def close(self) -> None:
         global _current
-        rundir.WRITER = True
         if self.owns_group and dist.is_initialized():
             dist.destroy_process_group()
         _current = Context()
@@ -184,7 +182,6 @@ def setup(device: torch.device, batch_size: int) -> Context:
     if owns:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     _current = Context(device=device, rank=rank, world=world, owns_group=owns)
-    rundir.WRITER = rank == 0
     return _current
 
 

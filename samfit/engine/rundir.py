@@ -27,13 +27,8 @@ def ensure_writable_dir(folder: Path) -> None:
                           f"Choose another with --out, or fix its permissions.") from None
 
 
-WRITER = True  # False on the ranks > 0 of a distributed run (engine/distributed.py): only rank 0 writes
-
-
 def _atomic(path: Path, write) -> None:
     """Write through a temporary file in the same folder, then rename: readers see old or new, never half."""
-    if not WRITER:
-        return
     path = Path(path)
     ensure_writable_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -97,6 +92,20 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def lock_owner(run_dir: Path) -> tuple[str, int] | None:
+    """(host, pid) written in the run folder's lock, or None when there is no (readable) lock."""
+    try:
+        host, _, pid = (Path(run_dir) / "run.lock").read_text().strip().partition(" ")
+    except OSError:
+        return None
+    return (host, int(pid)) if pid.isdigit() else None
+
+
+def owner_alive(host: str, pid: int) -> bool | None:
+    """True/False for a process on this host; None when the owner is on another host (cannot tell)."""
+    return pid_alive(pid) if host == socket.gethostname() else None
+
+
 class RunLock:
     """`run.lock` holding the owner's host and pid, created with O_EXCL. A lock left by a dead process on
     this host is taken over with a warning; a live owner is an error."""
@@ -106,8 +115,6 @@ class RunLock:
         self.owned = False
 
     def acquire(self) -> "RunLock":
-        if not WRITER:  # rank 0 of a distributed run holds the lock for all ranks
-            return self
         ensure_writable_dir(self.path.parent)
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):

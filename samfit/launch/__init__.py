@@ -11,7 +11,9 @@ from rich.console import Console
 from rich.table import Table
 
 from samfit.errors import SamfitError
-from samfit.grid import SHOWN, Grid, PlannedRun, load_grid, other_settings, parse_set, plan, preflight, write_summary
+from samfit.config import parse_set
+from samfit.grid import SHOWN, Grid, PlannedRun, load_grid, other_settings, plan, preflight, write_summary
+from samfit.launch.slurm import job_alive
 
 STATE_STYLE = {"new": "white", "done": "green", "partial": "yellow", "failed": "red", "changed": "magenta",
                "busy": "cyan"}
@@ -63,7 +65,7 @@ def launch(path: str | Path, out: str | None = None, dry_run: bool = False, laun
     if retries < 0 or (jobs is not None and jobs < 1):
         raise SamfitError("--retries must be >= 0 and --jobs >= 1.")
     grid = load_grid(path, out, parse_set(settings))
-    runs = plan(grid)
+    runs = plan(grid, job_alive)
     if dry_run:
         listing(grid, runs, Console(width=None if console.is_terminal else 250))
         console.print(counts_line(runs) + " (dry run: nothing launched)", highlight=False)

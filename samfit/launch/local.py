@@ -19,7 +19,7 @@ import time
 from rich.console import Console
 
 from samfit.engine import rundir
-from samfit.grid import PlannedRun, alive_here, lock_owner
+from samfit.grid import PlannedRun
 from samfit.launch.monitor import Monitor, tail
 
 
@@ -45,9 +45,9 @@ def outcome(run: PlannedRun, returncode: int, log) -> tuple[str, str | None]:
         error = status["error"]
     else:
         error = f"worker exited with code {returncode}; log tail:\n{tail(log)}"
-    owner = lock_owner(run.run_dir)
+    owner = rundir.lock_owner(run.run_dir)
     recorded = status.get("status") in ("failed", "interrupted")  # the run wrote its own error
-    if not recorded and run.run_dir.is_dir() and (owner is None or not alive_here(*owner)):
+    if not recorded and run.run_dir.is_dir() and (owner is None or not rundir.owner_alive(*owner)):
         rundir.set_status(run.run_dir, "failed", error=error)
     return "failed", error
 
