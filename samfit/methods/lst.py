@@ -154,8 +154,9 @@ class LST(Method):
         cfg = self.config
         width = dim // cfg.reduction if cfg.reduction else cfg.side_dim
         if width < 1 or width % cfg.heads:
-            raise SamfitError(f"LST side width {width} (encoder width {dim}, side_dim={cfg.side_dim}, "
-                              f"reduction={cfg.reduction}) must be >= 1 and divisible by heads={cfg.heads}.")
+            given = f"reduction={cfg.reduction}" if cfg.reduction else f"side_dim={cfg.side_dim}"
+            raise SamfitError(f"--method-arg {given} for method 'lst': the side width {width} (encoder width {dim}) "
+                              f"must be at least 1 and divisible by heads={cfg.heads}.")
         return width
 
     def inject(self, model) -> None:

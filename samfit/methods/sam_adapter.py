@@ -121,7 +121,7 @@ class SAMAdapter(Method):
     def inject(self, model) -> None:
         dim = model.image_encoder.patch_embed.proj.out_channels
         if dim % self.config.scale_factor:
-            raise SamfitError(f"--method-arg scale_factor={self.config.scale_factor} does not divide the "
-                              f"encoder width {dim}; pick a divisor (e.g. 16).")
+            raise SamfitError(f"--method-arg scale_factor={self.config.scale_factor} for method 'sam-adapter' does "
+                              f"not divide the encoder width {dim}; pick a divisor (e.g. 16).")
         model.image_encoder = SAMAdapterEncoder(model.image_encoder, self.config.scale_factor,
                                                 self.config.mask_ratio)
