@@ -9,6 +9,8 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 import samfit
 from samfit.model.sam import VARIANTS
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: steadier and faster on a shared CPU
+
 
 def official_tiny_sam(image_size=128, seed=0) -> Sam:
     """A SAM in the official format (4 mask tokens, IoU head) with tiny's encoder and random weights."""
@@ -50,14 +52,23 @@ def test_binary_segmenter_equals_sams_own_code_path(official_checkpoint):
                                    "output_hypernetworks_mlps.3"))}
     state["mask_tokens.weight"] = state["mask_tokens.weight"][:1]
     cut.load_state_dict(state, strict=False)
-    x = torch.randn(1, 3, 128, 128)
+    # In float64 (but for the prompt encoders' position tables: segment_anything 1.0 builds them on a float32
+    # grid, and the constant table is promoted where it is added), to 2**20 eps (≈ 2.3e-10) of the logits'
+    # scale: the two code paths round differently by ~1e-15, a wrong token, MLP or prompt embedding by ~1e-2 or more.
+    for module in (sam, cut, model):
+        module.double()
+    for encoder in (sam.prompt_encoder, model.prompt_encoder):
+        encoder.pe_layer.float()
+    x = torch.randn(1, 3, 128, 128, dtype=torch.float64)
     with torch.no_grad():
         emb = sam.image_encoder(x)
         sparse, dense = sam.prompt_encoder(points=None, boxes=None, masks=None)
         masks, _ = cut(emb, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=False)
         expected = F.interpolate(masks, size=(128, 128), mode="bilinear", align_corners=False)
         got = model(x)["logits"]
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert expected.dtype == torch.float64
+    rtol = 2**20 * torch.finfo(torch.float64).eps
+    torch.testing.assert_close(got, expected, rtol=0, atol=rtol * expected.abs().max().item())
 
 
 def test_other_input_size_interpolates_position_tables(official_checkpoint):
