@@ -98,23 +98,15 @@ class RunConfig:
     def validate(self) -> None:
         """Allowed values and bounds of every field; relations between fields."""
         for f in dataclasses.fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if value is None:
-                continue
-            choices = allowed_values(f.name)
-            if choices and value not in choices:
-                raise SamfitError(f"{option_name(f.name)} {value!r}: choose one of {', '.join(choices)}."
-                                  f"{closest(str(value), choices)}")
-            if meta["positive"] and value <= 0 or meta["minimum"] is not None and value < meta["minimum"]:
-                bound = "> 0" if meta["positive"] else f">= {meta['minimum']}"
-                raise SamfitError(f"{option_name(f.name)} {value}: must be {bound}.")
+            check_value(f.name, getattr(self, f.name))
         from samfit.methods.base import get_method
         from samfit.model.sam import check_image_size, get_variant
 
         get_variant(self.model)
         if self.image_size is not None:
             check_image_size(self.image_size)
-        get_method(self.method, **self.method_args)  # the method's own Config checks its arguments
+        method = get_method(self.method, **self.method_args)  # the method's own Config checks its arguments
+        self.method_args = {k: _plain(getattr(method.config, k)) for k in self.method_args}  # typed, not text
         if self.effective_batch % self.batch_size:
             raise SamfitError(f"--effective-batch {self.effective_batch} must be a multiple of --batch-size "
                               f"{self.batch_size}.")
@@ -166,6 +158,19 @@ def help_text(key: str) -> str:
     return text
 
 
+def check_value(key: str, value, where: str = "") -> None:
+    """The field's allowed values and bounds (relations between fields are RunConfig.validate's)."""
+    if value is None:
+        return
+    meta, choices = FIELDS[key].metadata, allowed_values(key)
+    if choices and value not in choices:
+        raise SamfitError(f"{where}{option_name(key)} {value!r}: choose one of {', '.join(choices)}."
+                          f"{closest(str(value), choices)}")
+    if meta["positive"] and value <= 0 or meta["minimum"] is not None and value < meta["minimum"]:
+        bound = "> 0" if meta["positive"] else f">= {meta['minimum']}"
+        raise SamfitError(f"{where}{option_name(key)} {value}: must be {bound}.")
+
+
 def coerce(key: str, value, where: str = ""):
     """A value from a file, a flag or `--set` as the field's type; a clear error when it cannot be one."""
     if key not in FIELDS:
@@ -204,16 +209,24 @@ def coerce(key: str, value, where: str = ""):
     return str(value)
 
 
+def _plain(value):
+    """A method argument as YAML writes it (a tuple as a list)."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 def _article(kind: type) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", dict: "a mapping"}.get(kind, "a string")
 
 
 def check_keys(where: str, mapping) -> dict:
     """A mapping of settings (a file, a grid's defaults) with every key a RunConfig field and every value
-    coerced to its type."""
+    coerced to its type and checked against its allowed values and bounds (errors name `where`)."""
     if not isinstance(mapping, dict):
         raise SamfitError(f"{where} must be a mapping of settings, got {type(mapping).__name__}.")
-    return {k: coerce(k, v, f"{where}: ") for k, v in mapping.items()}
+    values = {k: coerce(k, v, f"{where}: ") for k, v in mapping.items()}
+    for key, value in values.items():
+        check_value(key, value, f"{where}: ")
+    return values
 
 
 def load_config_file(path: str | Path) -> dict:
@@ -232,6 +245,7 @@ def parse_set(pairs: list[str] | None, option: str = "--set") -> dict:
     coerced to the field's type."""
     out = {}
     for key, text in parse_pairs(pairs, option, "epochs=1").items():
+        coerce(key, None, f"{option} ")  # an unknown key is an error before its value is read
         try:
             value = yaml.safe_load(text)
         except yaml.YAMLError:

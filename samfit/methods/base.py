@@ -151,17 +151,6 @@ def require_ints(method: str, key: str, value, minimum: int = 0, unique: bool = 
     return tuple(int(v) for v in value)
 
 
-def parse_method_args(pairs: list[str]) -> dict[str, str]:
-    """['rank=4', 'alpha=16'] -> {'rank': '4', 'alpha': '16'}."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SamfitError(f"--method-arg '{pair}' is not of the form key=value (e.g. --method-arg rank=4).")
-        key, value = pair.split("=", 1)
-        out[key.strip().replace("-", "_")] = value.strip()
-    return out
-
-
 def get_method(name: str, **overrides) -> Method:
     from samfit import methods  # noqa: F401  (imports every method module so they register)
 
