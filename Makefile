@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SAMFIT := $(VENV)/bin/samfit
 
-.PHONY: install test smoke demo clean
+.PHONY: install test test-fast smoke clean
 
 install: $(VENV)/.installed
 
@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 
 test: install
 	$(PY) -m pytest -q -n 2 --durations=15 tests
+
+test-fast: install
+	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
 smoke: install
 	$(SAMFIT) run --method lora --dataset shapes --model tiny --device cpu --out results/smoke
