@@ -20,8 +20,28 @@ ROOT = Path(__file__).resolve().parents[1]
 # (3 per rank), a flip-augmented LoRA run on the tiny model.
 SETTINGS = dict(method="lora", dataset="shapes", model="tiny", image_size=64, epochs=2, limit_train=8, limit_eval=6,
                 batch_size=4, effective_batch=4, lr=1e-3, device="cpu")
-PARAM_TOLERANCE = 1e-4  # max |difference| of any trained parameter; measured ~6e-6 (summation order only)
-SCORE_TOLERANCE = 1e-6  # on scores in [0, 1] (BER in [0, 100]); measured ~1e-16
+# The runs are fp32 (a run has no float64 mode) and not the same computation: one process runs batches of 4 where
+# each rank runs 2, so GEMMs round differently, and gradients are summed in another order. The bounds below
+# follow from what that rounding can change; measured on AVX-512, AVX2-only (MKL_ENABLE_INSTRUCTIONS=AVX2
+# ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2, as on AMD Zen 3) and generic (ATEN_CPU_CAPABILITY=default)
+# kernels.
+#
+# Weights: AdamW moves a weight by about lr per step whatever its gradient's scale, and rounding changes a step by
+# about the gradients' relative rounding error (up to ~2e-3 in this tiny model: test_attention), so after the
+# 4 steps the weights differ by well under a tenth of one step. Measured 6.5e-6 to 1.1e-5; training rank 1 on rank
+# 0's images gives 5e-3, summing the ranks' gradients instead of averaging them 2e-3.
+PARAM_TOLERANCE = 0.1 * SETTINGS["lr"]
+# Scores threshold the predicted probability at 0.5, so a pixel within rounding of it may flip between the runs.
+# One flip moves a per-image IoU by <= 1/|gt| and a Dice by <= 2/|gt| (their means over the 6 images by a sixth of
+# that) and the pooled BER by <= 50/P percentage points (P >= 6 |gt|); the smallest shape is a triangle of ~288 px
+# on the 128 px ground truth. The bounds allow FLIPS such flips: measured none; the summed gradients above,
+# weights ~200x further apart than rounding puts them, flipped about two.
+FLIPS, GT_MIN, EVAL_IMAGES = 4, 288, SETTINGS["limit_eval"]
+SCORE_TOLERANCE = FLIPS * 2 / (EVAL_IMAGES * GT_MIN)  # ≈ 4.6e-3, on scores in [0, 1]
+BER_TOLERANCE = FLIPS * 50 / (EVAL_IMAGES * GT_MIN)  # ≈ 0.12 percentage points (BER is in [0, 100])
+# The logged loss (the last micro-batch's, a mean over its pixels) follows the weights smoothly: measured <= 6e-8
+# of ~1.44 (0.4 fp32 eps); bounded by 2**6 fp32 eps ≈ 7.6e-6 relative (rank 1 on rank 0's images: 7e-3).
+LOSS_RTOL = 2**6 * torch.finfo(torch.float32).eps
 
 
 def test_shards_cover_each_micro_batch_once_in_order():
@@ -60,6 +80,7 @@ def _trainable(folder: Path) -> dict:
     return torch.load(folder / "checkpoints" / "last.pt", weights_only=True)["trainable"]
 
 
+@pytest.mark.slow  # two runs, one of them under torchrun: ~30 s
 def test_two_processes_equal_one_process(tmp_path, data_root):
     one = run(make_config(**SETTINGS, out=str(tmp_path), name="one"), quiet=True)
     args = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
@@ -72,17 +93,21 @@ def test_two_processes_equal_one_process(tmp_path, data_root):
     assert m2["processes"] == 2 and m1["processes"] == 1
     for split, scores in m1["scores"].items():
         for key, value in scores.items():
-            assert m2["scores"][split][key] == pytest.approx(value, abs=SCORE_TOLERANCE), key
-    assert m1["selection"]["best_epoch"] == m2["selection"]["best_epoch"]
+            tolerance = BER_TOLERANCE if key == "ber" else SCORE_TOLERANCE
+            assert m2["scores"][split][key] == pytest.approx(value, abs=tolerance), key
     p1, p2 = _trainable(one), _trainable(two)
     assert p1.keys() == p2.keys()
     worst = max((p1[k] - p2[k]).abs().max().item() for k in p1)
     assert worst < PARAM_TOLERANCE
-    assert max((p1[k] - _trainable(one)[k]).abs().max().item() for k in p1) == 0
     h1, h2 = (list(csv.DictReader(io.StringIO((f / "history.csv").read_text()))) for f in (one, two))
     for a, b in zip(h1, h2, strict=True):  # per epoch: the same validation score and (rank-averaged) loss
         assert float(a["val_iou_per_image"]) == pytest.approx(float(b["val_iou_per_image"]), abs=SCORE_TOLERANCE)
-        assert float(a["loss"]) == pytest.approx(float(b["loss"]), abs=1e-5)
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=LOSS_RTOL)
+    # the same epoch is selected, and rounding cannot decide which: the epochs' validation scores lie further apart
+    # than the two runs' scores can
+    assert m1["selection"]["best_epoch"] == m2["selection"]["best_epoch"]
+    val = sorted(float(a["val_iou_per_image"]) for a in h1)
+    assert val[-1] - val[-2] > 2 * SCORE_TOLERANCE
     # rank 0 alone wrote the folder: one status, no lock left, no stray temporary files
     assert json.loads((two / "status.json").read_text())["status"] == "done"
     assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "config.yaml", "history.csv", "metrics.json",
