@@ -22,3 +22,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def cli():
+    """Run samfit's command line in this process (much faster than a subprocess per case): returns (exit code,
+    stdout, error message), with the entry point's handling of SamfitError (exit 2 and its message)."""
+    from typer.testing import CliRunner
+
+    from samfit.cli import app
+    from samfit.errors import SamfitError
+
+    def invoke(*args) -> tuple[int, str, str]:
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        if isinstance(result.exception, SamfitError):
+            return 2, result.stdout, str(result.exception)
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+        return result.exit_code, result.stdout, ""
+
+    return invoke

@@ -40,24 +40,15 @@ def samfit(*args):
     return subprocess.run([sys.executable, "-m", "samfit", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
-def in_process(*args) -> tuple[int, str, str]:
-    """(exit code, stdout, error message) of the command line run in this process, with the entry point's
-    handling of SamfitError (exit 2 and its message); much faster than a subprocess per case."""
-    from typer.testing import CliRunner
+@pytest.fixture
+def printed_config(cli):
+    """The settings `samfit run ARGS --print-config` resolves."""
+    def printed(*args) -> dict:
+        code, out, message = cli("run", *args, "--print-config")
+        assert code == 0, message
+        return yaml.safe_load(out)
 
-    from samfit.cli import app
-
-    result = CliRunner().invoke(app, list(map(str, args)))
-    if isinstance(result.exception, SamfitError):
-        return 2, result.stdout, str(result.exception)
-    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
-    return result.exit_code, result.stdout, ""
-
-
-def printed_config(*args) -> dict:
-    code, out, message = in_process("run", *args, "--print-config")
-    assert code == 0, message
-    return yaml.safe_load(out)
+    return printed
 
 
 def as_flags(values: dict) -> list[str]:
@@ -85,33 +76,33 @@ def test_the_tables_cover_every_field_with_values_other_than_the_default():
         assert FILE_VALUES[key] != defaults[key] and FLAG_VALUES[key] != FILE_VALUES[key], key
 
 
-def test_defaults_layer(data_root):
+def test_defaults_layer(data_root, printed_config):
     printed = printed_config()
     cfg = RunConfig()
     assert printed == {**cfg.to_dict(), "image_size": 128, "epochs": 14, "lr": 1e-3, "loss": "structure"}
 
 
-def test_dataset_layer_fills_only_unset_fields():
+def test_dataset_layer_fills_only_unset_fields(printed_config):
     printed = printed_config("--dataset", "isic2017", "--model", "vit_b")
     assert (printed["image_size"], printed["epochs"], printed["lr"], printed["loss"]) == (1024, 30, 1e-4, "structure")
     printed = printed_config("--dataset", "isic2017", "--model", "vit_b", "--epochs", "2", "--loss", "bce")
     assert (printed["image_size"], printed["epochs"], printed["lr"], printed["loss"]) == (1024, 2, 1e-4, "bce")
 
 
-def test_config_file_sets_every_field(tmp_path):
+def test_config_file_sets_every_field(tmp_path, printed_config):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(FILE_VALUES))
     assert printed_config("--config", path) == FILE_VALUES
 
 
-def test_flags_given_win_over_the_file_for_every_field(tmp_path):
+def test_flags_given_win_over_the_file_for_every_field(tmp_path, printed_config):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(FILE_VALUES))
     printed = printed_config("--config", path, *as_flags(FLAG_VALUES))
     assert printed == {**FLAG_VALUES, "datasets_file": None}
 
 
-def test_set_gives_any_field_and_a_key_given_twice_is_an_error(tmp_path):
+def test_set_gives_any_field_and_a_key_given_twice_is_an_error(tmp_path, printed_config, cli):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"method": "conv-lora", "epochs": 3}))
     printed = printed_config("--config", path, "--set", "epochs=5", "--set", "method_args={rank: 2}",
@@ -119,10 +110,11 @@ def test_set_gives_any_field_and_a_key_given_twice_is_an_error(tmp_path):
     assert (printed["method"], printed["epochs"], printed["method_args"], printed["flip"]) == \
         ("conv-lora", 5, {"rank": 2}, False)
     assert printed["name"] == "007"  # a string field keeps the text, not YAML's number
-    code, _, message = in_process("run", "--epochs", "2", "--set", "epochs=3", "--print-config")
+    code, _, message = cli("run", "--epochs", "2", "--set", "epochs=3", "--print-config")
     assert code == 2 and "epochs is given twice" in message
 
 
+@pytest.mark.slow
 def test_config_file_method_is_the_method_that_trains(tmp_path, data_root):
     """`method: conv-lora` in the file trains Conv-LoRA (the CLI's own defaults never beat the file)."""
     path = tmp_path / "run.yaml"
@@ -156,11 +148,12 @@ def test_config_file_method_is_the_method_that_trains(tmp_path, data_root):
     (["--set", "epoch=3"], "unknown setting 'epoch'. Did you mean 'epochs'?"),
     (["--set", "epochs"], "--set 'epochs' is not of the form KEY=VALUE"),
 ])
-def test_bad_settings_are_one_paragraph_errors(args, message):
-    code, _, text = in_process("run", *args, "--print-config")
+def test_bad_settings_are_one_paragraph_errors(cli, args, message):
+    code, _, text = cli("run", *args, "--print-config")
     assert code == 2 and message in text and "\n\n" not in text, text
 
 
+@pytest.mark.slow
 def test_a_bad_setting_prints_its_message_without_a_traceback():
     proc = samfit("run", "--set", "epochs=abc", "--print-config")
     assert proc.returncode == 2 and "epochs must be an integer, got 'abc'" in proc.stderr
@@ -174,10 +167,10 @@ def test_a_bad_setting_prints_its_message_without_a_traceback():
     ("device: tpu\n", "--device 'tpu'"),
     ("epochs: 3\n  bad: [\n", "is not valid YAML"),
 ])
-def test_bad_config_files_name_the_file_and_the_key(tmp_path, content, message):
+def test_bad_config_files_name_the_file_and_the_key(cli, tmp_path, content, message):
     path = tmp_path / "run.yaml"
     path.write_text(content)
-    code, _, text = in_process("run", "--config", path, "--print-config")
+    code, _, text = cli("run", "--config", path, "--print-config")
     assert code == 2 and message in text and str(path) in text, text
 
 

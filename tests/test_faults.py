@@ -16,6 +16,8 @@ import torch
 from samfit.data.registry import ensure_available, resolve_dataset
 from samfit.engine.rundir import RunLock
 
+pytestmark = pytest.mark.slow  # nearly every test runs samfit in a subprocess (signals, kills, exit codes)
+
 QUICK = ["--image-size", "64", "--limit-train", "4", "--limit-eval", "2", "--epochs", "1", "--batch-size", "2",
          "--effective-batch", "2", "--device", "cpu"]
 RESUMABLE = ["--method", "lora", "--image-size", "64", "--limit-train", "16", "--limit-eval", "4", "--epochs", "3",

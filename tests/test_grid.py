@@ -94,6 +94,7 @@ def test_set_cannot_change_an_axis(tmp_path):
         parse_set(["epochs"])
 
 
+@pytest.mark.slow
 def test_paper_grid_dry_run_lists_216_runs(tmp_path):
     proc = samfit("grid", ROOT / "benchmarks" / "paper.yaml", "--dry-run", "--out", tmp_path / "paper")
     assert "216 runs: 216 new (dry run: nothing launched)" in proc.stderr
@@ -162,6 +163,7 @@ def smoke_grid(tmp_path_factory, request):
     return {**result, "out": Path(result["out"])}
 
 
+@pytest.mark.slow
 def test_killed_grid_finishes_the_rest_without_redoing_finished_runs(smoke_grid):
     out, before = smoke_grid["out"], smoke_grid["before"]
     assert 3 <= len(before) < 9
@@ -176,11 +178,13 @@ def test_killed_grid_finishes_the_rest_without_redoing_finished_runs(smoke_grid)
     assert f"{9 - len(before)} to run ({len(before)} already complete)" in smoke_grid["second"]
 
 
+@pytest.mark.slow
 def test_second_call_runs_nothing(smoke_grid):
     assert "Nothing to run: 9 runs: 9 skipped." in smoke_grid["third"]
     assert "start" not in smoke_grid["third"]
 
 
+@pytest.mark.slow
 def test_table_shows_all_nine_methods(smoke_grid):
     proc = samfit("table", smoke_grid["out"], "--format", "csv", "--paper")
     frame = pd.read_csv(io.StringIO(proc.stdout), dtype=str)
@@ -192,6 +196,7 @@ def test_table_shows_all_nine_methods(smoke_grid):
     assert "none of these runs' columns has published numbers" in proc.stderr
 
 
+@pytest.mark.slow
 def test_plot_writes_pngs(smoke_grid, tmp_path):
     proc = samfit("plot", smoke_grid["out"], "--out", tmp_path / "plots")
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
@@ -200,6 +205,7 @@ def test_plot_writes_pngs(smoke_grid, tmp_path):
     assert "wrote" in proc.stdout
 
 
+@pytest.mark.slow
 def test_changed_settings_are_refused_unless_overwrite(smoke_grid, tmp_path):
     proc = samfit("grid", SMOKE, "--out", smoke_grid["out"], "--set", "limit_eval=3", env=smoke_grid["env"],
                   check=False)
@@ -210,6 +216,7 @@ def test_changed_settings_are_refused_unless_overwrite(smoke_grid, tmp_path):
 
 # --- failures, retries, SLURM through submitit's local executor ------------------------------------------
 
+@pytest.mark.slow
 def test_failed_run_is_retried_then_recorded(tmp_path):
     grid = write_grid(tmp_path / "fail.yaml", {"defaults": {**TINY, "limit_train": 2},  # < one optimiser step
                                                "axes": {"method": ["lora"]}})
@@ -223,6 +230,7 @@ def test_failed_run_is_retried_then_recorded(tmp_path):
     assert status["status"] == "failed" and "optimiser step" in status["error"]
 
 
+@pytest.mark.slow
 def test_slurm_launcher_with_submitits_local_executor(tmp_path):
     grid = write_grid(tmp_path / "one.yaml", {"defaults": TINY, "axes": {"method": ["lora"]}})
     proc = samfit("grid", grid, "--out", tmp_path / "runs", "--launcher", "slurm", "--slurm-cluster", "local",

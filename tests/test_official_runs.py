@@ -3,9 +3,12 @@ import json
 import subprocess
 import sys
 
+import pytest
 from test_prepare import build_isic, build_polyp
 
 from samfit.data.prepare import prepare_dataset
+
+pytestmark = pytest.mark.slow  # every test trains or runs the command line in a subprocess
 
 
 def _run(args, env_root):

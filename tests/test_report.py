@@ -83,6 +83,7 @@ def test_paper_columns_hold_the_published_value_and_the_difference(runs):
     assert any("isic2017 iou_per_image" in n for n in notes)
 
 
+@pytest.mark.slow
 def test_table_formats(runs):
     from samfit.report import render
 
@@ -101,6 +102,7 @@ def test_table_formats(runs):
     assert "published numbers without a column here: isic2017" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_format_and_bad_reference_are_user_errors(runs, tmp_path):
     proc = cli("table", runs, "--format", "docx")
     assert proc.returncode == 2 and "choose one of" in proc.stderr and "Traceback" not in proc.stderr

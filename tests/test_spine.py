@@ -26,6 +26,7 @@ def test_sam_total_is_the_papers_vit_h_count():
     assert sam_total_parameters("vit_h") == 641_090_608
 
 
+@pytest.mark.slow
 def test_methods_json_cli():
     out = subprocess.run([sys.executable, "-m", "samfit", "methods", "--model", "vit_b", "--json"],
                          capture_output=True, text=True, check=True).stdout
@@ -42,6 +43,7 @@ def _quick(tmp_path, data_root, **kw):
     return run(make_config(**settings), quiet=True)
 
 
+@pytest.mark.slow
 def test_run_folder_contract_and_determinism(tmp_path, data_root):
     first = _quick(tmp_path, data_root, name="a")
     second = _quick(tmp_path, data_root, name="b")
@@ -66,6 +68,7 @@ def test_run_folder_contract_and_determinism(tmp_path, data_root):
     assert "lora" in table and "iou_per_image" in table
 
 
+@pytest.mark.slow
 def test_checkpoint_holds_exactly_the_trainable_parameters(tmp_path, data_root):
     folder = _quick(tmp_path, data_root, method="lora")
     saved = torch.load(folder / "checkpoints" / "last.pt", weights_only=False)["trainable"]
@@ -73,6 +76,7 @@ def test_checkpoint_holds_exactly_the_trainable_parameters(tmp_path, data_root):
     assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
 
 
+@pytest.mark.slow
 def test_unknown_method_suggests_the_closest(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "samfit", "run", "--method", "lorra", "--out", str(tmp_path)],
                           capture_output=True, text=True)
@@ -86,6 +90,7 @@ def test_vit_run_without_weights_names_the_download_command(tmp_path, data_root,
         _quick(tmp_path, data_root, model="vit_b", image_size=256)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["decoder-only", "lora"])
 def test_learns_shapes_well_beyond_predicting_all_foreground(method, tmp_path, data_root):
     import cv2

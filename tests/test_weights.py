@@ -41,6 +41,7 @@ def test_download_verifies_md5_then_the_weights_load(server, tmp_path, monkeypat
     assert torch.equal(state["image_encoder.pos_embed"], official_tiny_sam().state_dict()["image_encoder.pos_embed"])
 
 
+@pytest.mark.slow
 def test_wrong_md5_is_a_clear_error_and_nothing_is_left(server, tmp_path):
     url = _serve(server, "sam_vit_b_01ec64.pth", b"definitely not the vit_b weights" * 100)
     env = dict(os.environ, SAMFIT_WEIGHTS_URL=url, SAMFIT_CHECKPOINTS=str(tmp_path / "ckpt"), COLUMNS="200")
