@@ -10,8 +10,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from samfit.config import allowed_values
 from samfit.errors import SamfitError
 from samfit.options import with_run_options
+
+MODELS = " | ".join(allowed_values("model"))
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmark parameter-efficient fine-tuning methods for the Segment Anything Model.")
@@ -184,7 +187,7 @@ def _bench_methods(text: str) -> list[str]:
 @app.command()
 def bench(
     methods: str = typer.Option("all", help="Comma-separated methods, 'all', or 'none' (with --data)."),
-    model: str = typer.Option("vit_b", help="vit_b | vit_l | vit_h | tiny (random weights: speed, memory)."),
+    model: str = typer.Option("vit_b", help=f"{MODELS} (random weights: speed and memory do not depend on them)."),
     image_size: int = typer.Option(256, help="Input size, a multiple of 16."),
     batch: int = typer.Option(2, help="Images per forward pass."),
     effective_batch: Optional[int] = typer.Option(None, help="Images per optimiser step (accumulation; default: "
@@ -194,12 +197,14 @@ def bench(
     warmup: int = typer.Option(2, help="Untimed steps per configuration first."),
     baseline: str = typer.Option("lora", help="Method every ratio is to."),
     out: str = typer.Option("results/bench", help="Folder for bench.json, bench_meta.json, bench.md."),
-    attention: str = typer.Option("sdpa", help="sdpa | reference, or both: sdpa,reference."),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 | fp16 | auto, or several, comma-separated."),
+    attention: str = typer.Option("sdpa", help=f"One or more of {', '.join(allowed_values('attention'))}, "
+                                               "comma-separated."),
+    precision: str = typer.Option("fp32", help=f"One or more of {', '.join(allowed_values('precision'))}, "
+                                               "comma-separated."),
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Checkpoint every encoder block."),
     compare_grad_checkpoint: bool = typer.Option(False, "--compare-grad-checkpoint",
                                                  help="Measure every configuration with and without it."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    device: str = typer.Option("auto", help=" | ".join(allowed_values("device"))),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Peak memory (a subprocess per row)."),
     data: Optional[str] = typer.Option(None, help="Also time the input pipeline on this dataset's training split."),
     num_workers: int = typer.Option(2, help="DataLoader workers for --data."),
@@ -212,7 +217,6 @@ def bench(
     the baseline; optionally the data pipeline's images/s."""
     import torch
 
-    from samfit.config import allowed_values
     from samfit.engine.bench import Shape, data_throughput, run_bench
     from samfit.engine.step import pick_device, resolve_precision
     from samfit.report.bench import write_bench
@@ -221,7 +225,9 @@ def bench(
         if threads < 1:
             raise SamfitError(f"--threads {threads}: must be >= 1.")
         torch.set_num_threads(threads)
-    dev = pick_device(_listed("--device", device, allowed_values("device"))[0])
+    if device not in allowed_values("device"):
+        raise SamfitError(f"--device {device!r}: choose one of {', '.join(allowed_values('device'))}.")
+    dev = pick_device(device)
     shape = Shape(model, image_size, batch, dev.type, effective_batch, num_classes)
     attentions = _listed("--attention", attention, allowed_values("attention"))
     precisions = [resolve_precision(p, dev) for p in _listed("--precision", precision, allowed_values("precision"))]
@@ -240,7 +246,7 @@ def bench(
 
 @app.command()
 def methods(
-    model: str = typer.Option("vit_b", help="vit_b | vit_l | vit_h | tiny"),
+    model: str = typer.Option("vit_b", help=MODELS),
     num_classes: int = typer.Option(1, help="1 = binary head; >1 = mask-classification head."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
@@ -290,7 +296,7 @@ def datasets(datasets_file: Optional[str] = typer.Option(None, help="Extra datas
 
 
 @weights_app.command("download")
-def weights_download(variant: str = typer.Argument(..., help="vit_b | vit_l | vit_h")):
+def weights_download(variant: str = typer.Argument(..., help="A SAM variant with official weights, e.g. vit_b.")):
     """Download an official SAM checkpoint, verify its MD5, then move it into place."""
     from samfit.download import download_file
     from samfit.model.sam import checkpoint_dir, get_variant, weights_url

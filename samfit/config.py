@@ -31,6 +31,12 @@ def _attention_kinds() -> tuple[str, ...]:
     return ATTENTION_KINDS
 
 
+def _model_names() -> tuple[str, ...]:
+    from samfit.model.sam import VARIANTS
+
+    return tuple(VARIANTS)
+
+
 def _loss_names() -> tuple[str, ...]:
     from samfit.losses import LOSSES, MASK_CLASSIFICATION
 
@@ -51,7 +57,8 @@ class RunConfig:
     method: str = setting("lora", "PEFT method (see `samfit methods`).")
     dataset: str = setting("shapes", "Registry name (see `samfit datasets`), a folder in the canonical layout, "
                                      "or a CSV of image,label pairs.")
-    model: str = setting("tiny", "SAM variant: vit_b | vit_l | vit_h, or tiny (random weights, for tests).")
+    model: str = setting("tiny", "SAM variant (tiny: random weights, for tests and smoke runs).",
+                         choices=_model_names)
     checkpoint: str | None = setting(None, "SAM checkpoint file (default: the official file in "
                                            "$SAMFIT_CHECKPOINTS).")
     image_size: int | None = setting(None, "Input size, a multiple of 16 (default: the dataset's; tiny: 128).",
@@ -100,9 +107,8 @@ class RunConfig:
         for f in dataclasses.fields(self):
             check_value(f.name, getattr(self, f.name))
         from samfit.methods.base import get_method
-        from samfit.model.sam import check_image_size, get_variant
+        from samfit.model.sam import check_image_size
 
-        get_variant(self.model)
         if self.image_size is not None:
             check_image_size(self.image_size)
         method = get_method(self.method, **self.method_args)  # the method's own Config checks its arguments
