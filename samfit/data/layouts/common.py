@@ -157,6 +157,22 @@ def find_test_sets(dataset: str, tree: str, folder: Path, sets: dict[str, str], 
 
 # --- the record of one dataset's layouts -----------------------------------------------------------------
 
+def find_train_and_test_sets(index: DirIndex, dataset: str, tree: str, train_names: tuple[str, ...],
+                             sets: dict[str, str], images, masks) -> Splits | None:
+    """A training folder (called one of `train_names`) beside a TestDataset folder of test sets (PraNet's and
+    SINet-V2's layouts): a `train` split plus one split per test set; None when neither folder is there."""
+    train = index.named(*train_names, having=has(images, masks))
+    test = sets_folder(index, "TestDataset", sets, (images, masks))
+    if train is None and test is None:
+        return None
+    if train is None or test is None:
+        missing = train_names[0] if train is None else "TestDataset"
+        raise layout_error(dataset, tree, f"Found {train or test} but no {missing} folder beside it.")
+    splits = {"train": pair_folder(child(train, *images), child(train, *masks))}
+    splits.update(find_test_sets(dataset, tree, test, sets, images, masks))
+    return splits
+
+
 @dataclass(frozen=True)
 class Layout:
     """How one dataset's official download looks, and how its masks are decoded."""

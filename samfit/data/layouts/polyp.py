@@ -3,8 +3,7 @@ training images) -> train, and TestDataset/{Kvasir,CVC-ClinicDB,CVC-ColonDB,ETIS
 test split each."""
 from __future__ import annotations
 
-from samfit.data.layouts.common import (DirIndex, Layout, Splits, child, find_test_sets, has, layout_error,
-                                        pair_folder, sets_folder)
+from samfit.data.layouts.common import DirIndex, Layout, Splits, find_train_and_test_sets
 from samfit.data.layouts.masks import decode_binary_mask
 
 NAME = "polyp"
@@ -21,16 +20,7 @@ CSV_TEST_NAMES = {"kvasir": "kvasir", "cvc-clinicdb": "cvc-clinicdb", "clinicdb"
 
 
 def find_polyp(index: DirIndex) -> Splits | None:
-    train = index.named("TrainDataset", having=has(IMAGES, MASKS))
-    test = sets_folder(index, "TestDataset", POLYP_TEST_SETS, (IMAGES, MASKS))
-    if train is None and test is None:
-        return None
-    if train is None or test is None:
-        raise layout_error(NAME, TREE, f"Found {train or test} but no "
-                                       f"{'TrainDataset' if train is None else 'TestDataset'} folder beside it.")
-    splits = {"train": pair_folder(child(train, *IMAGES), child(train, *MASKS))}
-    splits.update(find_test_sets(NAME, TREE, test, POLYP_TEST_SETS, IMAGES, MASKS))
-    return splits
+    return find_train_and_test_sets(index, NAME, TREE, ("TrainDataset",), POLYP_TEST_SETS, IMAGES, MASKS)
 
 
 LAYOUT = Layout(NAME, TREE, find_polyp, decode_binary_mask, csv_test_names=CSV_TEST_NAMES)
