@@ -1,6 +1,6 @@
 """samfit: benchmark parameter-efficient fine-tuning methods for the Segment Anything Model."""
 from samfit.errors import SamfitError
-from samfit.methods.base import get_method, list_methods
+from samfit.methods import get_method, list_methods
 from samfit.model import build_model
 from samfit.params import count_parameters
 

@@ -106,7 +106,7 @@ class RunConfig:
         """Allowed values and bounds of every field; relations between fields."""
         for f in dataclasses.fields(self):
             check_value(f.name, getattr(self, f.name))
-        from samfit.methods.base import get_method
+        from samfit.methods import get_method
         from samfit.model.sam import check_image_size
 
         if self.image_size is not None:

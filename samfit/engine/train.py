@@ -34,7 +34,7 @@ from samfit.engine.sampling import (EpochSampler, epoch_order, flip_batch, flip_
 from samfit.engine.step import (NonFiniteLoss, TrainStep, autocast_for, make_optimizer, pick_device,
                                 resolve_precision, task_loss)
 from samfit.errors import SamfitError
-from samfit.methods.base import get_method
+from samfit.methods import get_method
 from samfit.model.attention import set_attention
 from samfit.model.checkpointing import set_grad_checkpoint
 from samfit.model.sam import get_variant, resolve_checkpoint, sam_total_parameters

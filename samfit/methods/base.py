@@ -16,7 +16,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from samfit.errors import SamfitError, closest, unknown_name
+from samfit.errors import SamfitError, closest
 
 REGISTRY: dict[str, type["Method"]] = {}
 
@@ -149,20 +149,6 @@ def require_ints(method: str, key: str, value, minimum: int = 0, unique: bool = 
         what = "distinct integers" if unique else "integers"
         raise invalid(method, key, value, f"a comma-separated list of {what} of at least {minimum}")
     return tuple(int(v) for v in value)
-
-
-def get_method(name: str, **overrides) -> Method:
-    from samfit import methods  # noqa: F401  (imports every method module so they register)
-
-    if name not in REGISTRY:
-        raise unknown_name("method", name, REGISTRY)
-    return REGISTRY[name](**overrides)
-
-
-def list_methods() -> list[str]:
-    from samfit import methods  # noqa: F401
-
-    return list(REGISTRY)
 
 
 def encoder_blocks(model) -> nn.ModuleList:
