@@ -108,9 +108,7 @@ def test_merge_of_a_linear_without_bias():
 # ~1e-1 of a merge that drops or mis-scales B·A.
 @pytest.mark.parametrize("dtype, rtol", [
     (torch.float32, 2**7 * torch.finfo(torch.float32).eps),
-    pytest.param(torch.float64, RTOL64, marks=pytest.mark.xfail(
-        strict=True, raises=AssertionError,
-        reason="LoRALinear.merged builds its nn.Linear in the default dtype (float32) and device, not the base's")),
+    (torch.float64, RTOL64),
 ], ids=["float32", "float64"])
 def test_lora_merged_linear_equals_the_low_rank_wrapper(dtype, rtol):
     torch.manual_seed(0)

@@ -62,6 +62,17 @@ class Method:
     def inject(self, model: nn.Module) -> None:
         """Insert or unfreeze the method's trainable parts in model.image_encoder (subclasses)."""
 
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the trained parts into SAM's own weights, in place: afterwards the image encoder holds only SAM's
+        module types (segment_anything / torch.nn) and computes the same function. Mergeable methods override
+        this; the others cannot be folded into SAM's weights."""
+        if not self.mergeable:
+            raise SamfitError(
+                f"Method '{self.name}' cannot be merged into SAM's weights: its layers compute something plain "
+                f"SAM cannot. Keep the run folder (samfit.load_run, samfit predict) or export its trained "
+                f"parameters with `samfit export RUN --format adapter`.")
+        raise NotImplementedError(f"{type(self).__name__} declares mergeable = True but defines no merge()")
+
     def describe(self) -> dict:
         return dataclasses.asdict(self.config)
 

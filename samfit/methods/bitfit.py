@@ -25,3 +25,7 @@ class BitFit(Method):
         for block in encoder_blocks(model):
             for layer in (block.attn.qkv, block.attn.proj, block.mlp.lin1, block.mlp.lin2, block.norm1, block.norm2):
                 layer.bias.requires_grad_(True)
+
+    def merge(self, model):
+        """Nothing to fold: the trained biases are SAM's own modules' biases."""
+        return model

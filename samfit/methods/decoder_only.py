@@ -9,3 +9,7 @@ class DecoderOnly(Method):
     summary = "train only the mask decoder"
     identical_at_init = True
     mergeable = True
+
+    def merge(self, model):
+        """Nothing to fold: the encoder is plain SAM."""
+        return model

@@ -37,9 +37,12 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
-        """The equivalent plain Linear: W + (alpha/r)·B A."""
-        out = nn.Linear(self.base.in_features, self.base.out_features, bias=self.base.bias is not None)
-        out.weight.copy_(self.base.weight + self.scaling * self.lora_B @ self.lora_A)
+        """The equivalent plain Linear: W + (alpha/r)·B A, in the base's dtype and on its device."""
+        weight = self.base.weight
+        out = nn.utils.skip_init(nn.Linear, self.base.in_features, self.base.out_features,  # no random init
+                                 bias=self.base.bias is not None, dtype=weight.dtype, device=weight.device)
+        out.weight.copy_(weight + self.scaling * self.lora_B.to(weight) @ self.lora_A.to(weight))
+        out.requires_grad_(weight.requires_grad)
         if self.base.bias is not None:
             out.bias.copy_(self.base.bias)
         return out
@@ -66,3 +69,11 @@ class LoRA(Method):
     def inject(self, model) -> None:
         for block in encoder_blocks(model):
             block.attn.qkv = LoRALinear(block.attn.qkv, self.config.rank, self.config.alpha)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Replace every LoRALinear by the plain Linear W + (alpha/r)·B A (in place); returns the model."""
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoRALinear):
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, module.merged())
+        return model
