@@ -309,11 +309,16 @@ class Run:
     def record(self, results: dict, eval_img_per_s: float, wall_time_s: float) -> None:
         cfg, spec, dist, state = self.cfg, self.spec, self.dist, self.state
         sam_total = sam_total_parameters(cfg.model)
+        checkpoint = resolve_checkpoint(cfg.model, cfg.checkpoint) if get_variant(cfg.model).has_weights else None
+        if checkpoint is not None and self.writes:  # the SAM weights the run used, for samfit.load_run
+            from samfit.download import md5sum
+
+            checkpoint = {"path": str(checkpoint.resolve()), "md5": md5sum(checkpoint)}
         metrics = {
             "run": cfg.run_name(), "method": cfg.method, "dataset": spec.name, "model": cfg.model,
             "image_size": cfg.image_size, "seed": cfg.seed, "device": str(self.device),
             "precision": resolve_precision(cfg.precision, self.device),
-            "eval_resolution": cfg.eval_resolution, "task": spec.task,
+            "eval_resolution": cfg.eval_resolution, "task": spec.task, "sam_checkpoint": checkpoint,
             "headline": {"metric": spec.headline, "lower_is_better": spec.lower_is_better,
                          "value": results[spec.eval_splits[0]][spec.headline], "split": spec.eval_splits[0]},
             "scores": results,
