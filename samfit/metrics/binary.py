@@ -3,14 +3,20 @@
 Inputs, per image (numpy arrays or tensors): `pred` a float map in [0, 1] (probabilities; bool is read as
 0/1) and `gt` a bool or 0..255 integer mask (a 0/1 integer mask is refused as ambiguous). A pred whose size
 differs from its GT's is first resized to it bilinearly (cv2), so scores are at the GT's resolution.
-Every score is a fraction in [0, 1] (E-measure: see `sod`) except `ber`, in percent.
+Every score is a fraction in [0, 1] (E-measure: see `sod`) except `ber` and `ber_per_image`, in percent.
 
 - IoU = TP / (TP + FP + FN), Dice = 2·TP / (2·TP + FP + FN), prediction > 0.5, GT > 128.
   `*_per_image` is the mean over images (an image with empty GT and empty prediction scores 1);
   `*_dataset` pools TP/FP/FN over all images (1 when every image is empty in both).
-- BER (shadow detection, e.g. Vicente et al., ECCV 2016), pooled over the whole set, prediction > 0.5
-  (= 127.5/255), GT > 0: BER = 100·(1 − ½·(TP/P + TN/N)). When the set has no positive pixel (P = 0) the
-  undefined TP/P term is dropped, BER = 100·(1 − TN/N); likewise BER = 100·(1 − TP/P) when N = 0.
+- BER (shadow detection) by the rule of ComputeBERonSet.m, the shadow literature's MATLAB script (Vicente et
+  al., ECCV 2016): pooled over the whole set, both maps on the 0-255 scale, GT positive where GT > 125 and
+  predicted positive where the 8-bit prediction round(255·p) > 125 (i.e. p >= 125.5/255; the 8-bit map is the
+  one a saved prediction PNG holds, `sod.to_uint8_map`): BER = 100·(1 − ½·(TP/P + TN/N)). When the set has no
+  positive pixel (P = 0) the undefined TP/P term is dropped, BER = 100·(1 − TN/N); likewise BER = 100·(1 −
+  TP/P) when N = 0.
+- `ber_per_image`: the official Conv-LoRA code's form, 100·(1 − mean per-class accuracy) per image, averaged
+  over images, with its thresholds 255·p > 125 and GT > 125; a class absent from an image's GT counts only if
+  it is predicted there (accuracy 0), as torchmetrics' macro accuracy does.
 - SOD metrics: see `samfit.metrics.sod`.
 """
 from __future__ import annotations
@@ -23,7 +29,9 @@ import torch
 from torchmetrics.functional.classification import binary_stat_scores
 
 from samfit.errors import SamfitError
-from samfit.metrics.sod import SODAccumulator
+from samfit.metrics.sod import SODAccumulator, to_uint8_map
+
+BER_THRESHOLD = 125  # ComputeBERonSet.m's tsFor1, on the 0-255 scale, for GT and prediction alike
 
 
 def to_numpy(x) -> np.ndarray:
@@ -107,6 +115,21 @@ def balanced_error_rate(tp: int, fp: int, tn: int, fn: int) -> float:
     return 100.0 * (1.0 - sum(rates) / len(rates))
 
 
+def per_image_ber(pred: np.ndarray, gt: np.ndarray) -> float:
+    """The official code's BER of one image, in percent: 100·(1 − mean per-class accuracy), thresholds
+    255·p > 125 and GT > 125; a class with no GT pixel and no prediction has no accuracy and drops out."""
+    positive, predicted = gt > BER_THRESHOLD, pred * 255.0 > BER_THRESHOLD
+    tp = int(np.count_nonzero(positive & predicted))
+    fp = int(np.count_nonzero(~positive & predicted))
+    fn = int(np.count_nonzero(positive & ~predicted))
+    tn = positive.size - tp - fp - fn
+    scores = []
+    for hit, miss, false in ((tp, fn, fp), (tn, fp, fn)):  # (correct, missed, wrongly claimed) per class
+        if hit + miss + false:
+            scores.append(hit / (hit + miss) if hit + miss else 0.0)
+    return 100.0 * (1.0 - sum(scores) / len(scores))
+
+
 class BinaryEvaluator:
     """Accumulates binary metrics image by image; `compute()` returns the dict `evaluate_binary` does.
 
@@ -119,7 +142,8 @@ class BinaryEvaluator:
         self.iou: list[float] = []
         self.dice: list[float] = []
         self.counts = np.zeros(4, dtype=np.int64)  # TP, FP, TN, FN with GT > 128
-        self.ber_counts = np.zeros(4, dtype=np.int64)  # TP, FP, TN, FN with GT > 0
+        self.ber_counts = np.zeros(4, dtype=np.int64)  # TP, FP, TN, FN, GT > 125, round(255·p) > 125
+        self.ber_images: list[float] = []
 
     def update(self, pred, gt) -> None:
         gt = as_gt_mask(gt)
@@ -129,7 +153,8 @@ class BinaryEvaluator:
         self.iou.append(_ratio(tp, tp + fp + fn))
         self.dice.append(_ratio(2 * tp, 2 * tp + fp + fn))
         self.counts += (tp, fp, tn, fn)
-        self.ber_counts += _stat_scores(pred, gt > 0)
+        self.ber_counts += _stat_scores((to_uint8_map(pred) > BER_THRESHOLD).astype(np.float32), gt > BER_THRESHOLD)
+        self.ber_images.append(per_image_ber(pred, gt))
         if self.sod is not None:
             self.sod.update(pred, positive)
 
@@ -144,6 +169,7 @@ class BinaryEvaluator:
             "dice": list(self.dice),
             "counts": self.counts.copy(),
             "ber_counts": self.ber_counts.copy(),
+            "ber_images": list(self.ber_images),
         }
 
     @classmethod
@@ -162,6 +188,7 @@ class BinaryEvaluator:
             merged.dice += s["dice"]
             merged.counts += s["counts"]
             merged.ber_counts += s["ber_counts"]
+            merged.ber_images += s["ber_images"]
         return merged
 
     def compute(self) -> dict[str, float]:
@@ -171,6 +198,7 @@ class BinaryEvaluator:
         out = {} if self.sod is None else self.sod.compute()
         out.update(
             ber=balanced_error_rate(*(int(v) for v in self.ber_counts)),
+            ber_per_image=float(np.mean(self.ber_images)),
             iou_per_image=float(np.mean(self.iou)),
             iou_dataset=_ratio(tp, tp + fp + fn),
             dice_per_image=float(np.mean(self.dice)),

@@ -4,8 +4,12 @@ IoU_c = CM[c, c] / (sum_j CM[c, j] + sum_i CM[i, c] − CM[c, c]), the counts su
 (rows: GT, columns: prediction; pixels whose GT is `ignore_index` are left out). Background (class 0)
 counts like any other class. A class absent from both the GT and the predictions of the whole set has no
 IoU: it is left out of the mean, and `iou_per_class` holds None at its index (a list of `num_classes`
-entries, JSON-friendly, never NaN). Note: Trans2Seg's/Conv-LoRA's script divides by (union + eps) and so
-counts such a class as 0 in the mean; with every class present (the usual test set) the two agree.
+entries, JSON-friendly, never NaN).
+
+`miou_trans2seg`: the convention of Trans2Seg's segmentron/utils/score.py, which the official Conv-LoRA code
+copies, computed alongside: with 255 as the ignore label, a prediction at an ignored pixel still counts in
+its class's union (the script masks only label -1), and IoU_c = inter_c / (union_c + 2^-52) is averaged over
+all classes, so a class absent from GT and predictions counts as 0.
 """
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from torchmetrics.functional.classification import multiclass_confusion_matrix
 
 from samfit.errors import SamfitError
 from samfit.metrics.binary import to_numpy
+
+TRANS2SEG_EPS = 2.220446049250313e-16  # the script's eps (numpy's spacing(1))
 
 
 def _as_class_map(pred, gt_shape: tuple[int, int], num_classes: int) -> np.ndarray:
@@ -66,6 +72,7 @@ class MulticlassEvaluator:
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        self.ignored_predictions = np.zeros(num_classes, dtype=np.int64)  # per class, at GT = ignore_index
 
     def update(self, pred, gt) -> None:
         gt = _as_gt_map(gt, self.num_classes, self.ignore_index)
@@ -75,10 +82,11 @@ class MulticlassEvaluator:
             ignore_index=self.ignore_index, validate_args=False,
         )
         self.confusion += cm.numpy().astype(np.int64)
+        self.ignored_predictions += np.bincount(pred[gt == self.ignore_index], minlength=self.num_classes)
 
     def state(self) -> dict:
         return {"num_classes": self.num_classes, "ignore_index": self.ignore_index,
-                "confusion": self.confusion.copy()}
+                "confusion": self.confusion.copy(), "ignored_predictions": self.ignored_predictions.copy()}
 
     @classmethod
     def from_states(cls, states: Sequence[dict]) -> "MulticlassEvaluator":
@@ -89,6 +97,7 @@ class MulticlassEvaluator:
             if s["num_classes"] != merged.num_classes:
                 raise SamfitError("Cannot merge MulticlassEvaluator states with different num_classes.")
             merged.confusion += s["confusion"]
+            merged.ignored_predictions += s["ignored_predictions"]
         return merged
 
     def compute(self) -> dict:
@@ -99,7 +108,8 @@ class MulticlassEvaluator:
         union = cm.sum(axis=0) + cm.sum(axis=1) - inter
         iou = [float(i / u) if u else None for i, u in zip(inter, union)]
         present = [v for v in iou if v is not None]
-        return {"miou": float(np.mean(present)), "iou_per_class": iou}
+        trans2seg = inter / (union + self.ignored_predictions + TRANS2SEG_EPS)
+        return {"miou": float(np.mean(present)), "miou_trans2seg": float(trans2seg.mean()), "iou_per_class": iou}
 
 
 def evaluate_multiclass(preds: Sequence, gts: Sequence, num_classes: int, ignore_index: int = 255) -> dict:

@@ -1,8 +1,11 @@
 """Salient/camouflaged-object metrics: S-measure, E-measure, weighted F-measure, MAE.
 
-All four come from PySODMetrics (`py_sod_metrics`), the field's reference implementation, fed the way the
-field's evaluation scripts feed it: the prediction as a per-image min-max normalised uint8 map at the GT's
-resolution, the GT as a 0/255 map that PySODMetrics binarises at > 128. Every score is a mean over images.
+All four come from PySODMetrics (`py_sod_metrics`), the field's reference implementation, fed exactly what
+its users feed it: the prediction as the 8-bit map a saved prediction PNG holds, round(255·p) at the GT's
+resolution (`to_uint8_map`), which PySODMetrics itself min-max normalises (MATLAB's `mapminmax(im2double(.))`);
+the GT as a 0/255 map that PySODMetrics binarises at > 128. samfit does not normalise the map first: a
+normalised-then-rounded map differs from the saved one by rounding, enough to flip pixels at E_φ's adaptive
+threshold. Every score is a mean over images.
 
 - S_alpha (Fan et al., ICCV 2017), alpha = 0.5; an empty quadrant counts 0 where PySODMetrics gives NaN.
 - E_phi (Fan et al., IJCAI 2018): PySODMetrics gives a 256-point curve per image (thresholds 0..255); the
@@ -10,9 +13,13 @@ resolution, the GT as a 0/255 map that PySODMetrics binarises at > 128. Every sc
   `e_measure_max` = its maximum, `e_measure_adaptive` = mean over images of E at threshold 2·mean(pred).
   Like the authors' MATLAB code, PySODMetrics divides the enhanced-alignment sum by (n_pixels − 1), so E
   can exceed 1 by up to 1/(n_pixels − 1): negligible on real images, absurd on a 1-pixel one.
-- F^w_beta (Margolin et al., CVPR 2014), beta = 1 as in PySODMetrics and the authors' MATLAB code; an image
-  with an empty GT scores 0 (PySODMetrics' convention).
+- F^w_beta (Margolin et al., CVPR 2014): `weighted_f` with β² = 1 as in PySODMetrics and the authors' MATLAB
+  code; `weighted_f_beta2_0.3` with β² = 0.3, the official Conv-LoRA code's `WeightedFmeasure(beta=0.3)`
+  (PySODMetrics' `beta` argument is β²). An image with an empty GT scores 0 (PySODMetrics' convention).
 - MAE (Perazzi et al., CVPR 2012) of the normalised map against the binary GT.
+
+On PySODMetrics' own inputs (an 8-bit map u, given to samfit as p = u/255) samfit passes u unchanged, so every
+score equals PySODMetrics' to the last bit.
 """
 from __future__ import annotations
 
@@ -20,16 +27,13 @@ import numpy as np
 import py_sod_metrics as pysod
 
 
-def to_uint8_map(pred: np.ndarray) -> np.ndarray:
-    """Per-image min-max normalisation to [0, 255], rounded to uint8.
+OFFICIAL_WF_BETA2 = 0.3  # the official Conv-LoRA code's WeightedFmeasure(beta=0.3), i.e. β² = 0.3
 
-    A constant map is left as it is (round(255·p)), like MATLAB's `mapminmax` in PySODMetrics; the
-    `(p - min) / (max - min + 1e-8)` variant of some scripts would turn it into all zeros instead.
-    """
-    lo, hi = float(pred.min()), float(pred.max())
-    if hi > lo:
-        pred = (pred - lo) / (hi - lo)
-    return np.rint(pred * 255.0).astype(np.uint8)
+
+def to_uint8_map(pred: np.ndarray) -> np.ndarray:
+    """The 8-bit map of a probability map p in [0, 1]: round(255·p) (ties to even), as a prediction PNG
+    holds it. No min-max normalisation here: PySODMetrics applies its own (a constant map stays constant)."""
+    return np.rint(np.asarray(pred, np.float64) * 255.0).astype(np.uint8)
 
 
 class _Smeasure(pysod.Smeasure):
@@ -48,13 +52,14 @@ class SODAccumulator:
         self._s = _Smeasure()
         self._e = pysod.Emeasure()
         self._wf = pysod.WeightedFmeasure(beta=weighted_f_beta)
+        self._wf_official = pysod.WeightedFmeasure(beta=OFFICIAL_WF_BETA2)
         self._mae = pysod.MAE()
 
     def update(self, pred: np.ndarray, gt_positive: np.ndarray) -> None:
         """`pred`: float map in [0, 1]; `gt_positive`: bool map of the same shape."""
         pred_u8 = to_uint8_map(pred)
         gt_u8 = gt_positive.astype(np.uint8) * 255
-        for metric in (self._s, self._e, self._wf, self._mae):
+        for metric in (self._s, self._e, self._wf, self._wf_official, self._mae):
             metric.step(pred=pred_u8, gt=gt_u8)
 
     def state(self) -> dict:
@@ -65,6 +70,7 @@ class SODAccumulator:
             "e_adaptive": [float(v) for v in self._e.adaptive_ems],
             "e_curve": [np.asarray(c, dtype=np.float64) for c in self._e.changeable_ems],
             "weighted_f": [float(v) for v in self._wf.weighted_fms],
+            "weighted_f_official": [float(v) for v in self._wf_official.weighted_fms],
             "mae": [float(v) for v in self._mae.maes],
         }
 
@@ -76,6 +82,7 @@ class SODAccumulator:
             acc._e.adaptive_ems.extend(st["e_adaptive"])
             acc._e.changeable_ems.extend(st["e_curve"])
             acc._wf.weighted_fms.extend(st["weighted_f"])
+            acc._wf_official.weighted_fms.extend(st["weighted_f_official"])
             acc._mae.maes.extend(st["mae"])
         return acc
 
@@ -91,5 +98,6 @@ class SODAccumulator:
             "e_measure_adaptive": float(em["adp"]),
             "e_measure_max": float(curve.max()),
             "weighted_f": float(self._wf.get_results()["wfm"]),
+            "weighted_f_beta2_0.3": float(self._wf_official.get_results()["wfm"]),
             "mae": float(self._mae.get_results()["mae"]),
         }
