@@ -81,12 +81,13 @@ def table(
     """Summarise run folders: methods × datasets, headline metric mean ± std over seeds."""
     from samfit.report import collect_runs, comparison_grid, render, summarise
 
-    summary = summarise(collect_runs(folder), metric)
+    runs = collect_runs(folder)
+    summary = summarise(runs, metric)
     grid = comparison_grid(summary)
     if paper:
         from samfit.report.paper import add_paper, load_reference
 
-        grid, notes = add_paper(grid, summary, load_reference(reference))
+        grid, notes = add_paper(grid, summary, load_reference(reference), runs=runs)
         for note in notes:
             err.print(f"paper: {note}", highlight=False)
     if fmt == "rich":
@@ -355,6 +356,11 @@ def data_download(
 
     folder = download_dataset(name, resolve_dataset(name), root_of(data_root))
     console.print(f"[green]prepared[/] {folder}")
+
+
+from samfit.use.cli import register  # noqa: E402  predict, evaluate, export: samfit/use/cli.py
+
+register(app)
 
 
 def main() -> None:

@@ -1,9 +1,13 @@
 """The paper's published numbers beside samfit's: `samfit table DIR --paper`.
 
 benchmarks/paper_reference.csv holds one published value per row: dataset, test_set, metric (samfit's metric
-key), method, value (as the paper prints it: ×100 except MAE), note, source. `add_paper` puts, after every
-column of the comparison grid that has published values, a `paper` column and a `Δ` column (samfit's mean minus
-the paper's value, in the same units), and a `paper source` column per method.
+key), method, value (as the paper prints it: ×100 except MAE), note, source, and optionally `computed_as`: the
+samfit column computed the way the paper computed it, where that differs from `metric` (the official code's
+conventions: `weighted_f_beta2_0.3` for F^w_β, `ber_per_image` for BER, `miou_trans2seg` for mIoU).
+`add_paper` puts, after every column of the comparison grid that has published values, a `paper` column and a
+`Δ` column (samfit's mean minus the paper's value, in the same units), and a `paper source` column per method.
+Given the runs, Δ compares the paper with the `computed_as` column, and the Δ column's name says so
+(`sbu ber Δ vs ber_per_image`); runs that lack that column are compared on `metric`, and a note says which.
 """
 from __future__ import annotations
 
@@ -37,42 +41,71 @@ def load_reference(path: str | Path | None = None) -> pd.DataFrame:
     ref["printed"] = ref["value"].str.strip()  # as the paper prints it (92.0, not 92)
     ref["value"] = values
     ref["source"] = ref["source"].fillna("")
+    computed = ref["computed_as"] if "computed_as" in ref.columns else pd.Series([None] * len(ref))
+    ref["computed_as"] = [c.strip() if isinstance(c, str) and c.strip() else m
+                          for c, m in zip(computed, ref["metric"])]
     return ref
 
 
-def add_paper(grid: pd.DataFrame, summary: pd.DataFrame, reference: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+def add_paper(grid: pd.DataFrame, summary: pd.DataFrame, reference: pd.DataFrame,
+              runs: pd.DataFrame | None = None) -> tuple[pd.DataFrame, list[str]]:
     """The grid with `<column> paper` and `<column> Δ` after each column that has published numbers, and a
-    `paper source` column. Also returns notes on the published numbers that have no column in this grid."""
+    `paper source` column. Also returns notes on the published numbers that have no column in this grid, and
+    on the column each Δ was computed from. `runs` (collect_runs' frame) gives the `computed_as` columns."""
+    from samfit.report.table import summarise
+
     published: dict[tuple[str, str], tuple[float, str, str]] = {}
     by_label: dict[str, list[str]] = {}
+    computed_as: dict[str, str] = {}  # grid column label -> the samfit metric computed the paper's way
+    labels: dict[tuple[str, str, str], str] = {}  # (dataset, test set, computed_as) -> grid column label
     for r in reference.itertuples():
         label = column_label((r.dataset, r.test_set, r.metric))
         published[(r.method, label)] = (float(r.value), r.source, r.printed)
         by_label.setdefault(label, []).append(f"{r.method} {r.printed}")
+        if r.computed_as != r.metric:
+            computed_as[label] = r.computed_as
+            labels[(r.dataset, r.test_set, r.computed_as)] = label
     ours: dict[tuple[str, str, str], float] = {}
     for r in summary.itertuples():
         factor, _ = display_scale(r.metric)
         ours[(r.method, r.model, column_label((r.dataset, r.test_set, r.metric)))] = r.mean * factor
+    official: dict[tuple[str, str, str], float] = {}  # the same keys, from the computed_as columns
+    for metric in sorted(set(computed_as.values())):
+        if runs is None or metric not in runs.columns or not runs[metric].notna().any():
+            continue
+        for r in summarise(runs[runs[metric].notna()], metric).itertuples():
+            label = labels.get((r.dataset, r.test_set, metric))
+            if label is not None:
+                official[(r.method, r.model, label)] = r.mean * display_scale(metric)[0]
 
     out = grid.copy()
     shown = [c for c in grid.columns if c in by_label]
+    notes = []
     for label in shown:
         paper, delta = [], []
-        for row in grid.itertuples(index=False):
+        rows = list(grid.itertuples(index=False))
+        use_official = label in computed_as and any((row[0], row[1], label) in official for row in rows)
+        source = official if use_official else ours
+        for row in rows:
             method, model = row[0], row[1]
             value = published.get((method, label))
-            mine = ours.get((method, model, label))
+            mine = source.get((method, model, label))
             paper.append("—" if value is None else value[2])
             delta.append("—" if value is None or mine is None else f"{mine - value[0]:+.2f}")
         at = list(out.columns).index(label) + 1
         out.insert(at, f"{label} paper", paper)
-        out.insert(at + 1, f"{label} Δ", delta)
+        out.insert(at + 1, f"{label} Δ vs {computed_as[label]}" if use_official else f"{label} Δ", delta)
+        if label in computed_as:
+            notes.append(f"{label}: the paper's value is computed as samfit's {computed_as[label]} (the official "
+                         f"code's convention); Δ = "
+                         + (f"{computed_as[label]} − paper" if use_official else
+                            f"{label.split()[-1]} − paper, as these runs have no {computed_as[label]} column "
+                            f"(re-evaluate them to compare like with like)"))
     if shown:
         out["paper source"] = ["; ".join(sorted({published[(row[0], label)][1] for label in shown
                                                  if (row[0], label) in published})) or "—"
                                for row in grid.itertuples(index=False)]
     missing = [label for label in by_label if label not in shown]
-    notes = []
     if not shown:
         notes.append(f"none of these runs' columns has published numbers (the reference has {', '.join(by_label)})")
     elif missing:

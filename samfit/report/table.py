@@ -57,8 +57,8 @@ def comparison_grid(summary: pd.DataFrame) -> pd.DataFrame:
 
 def display_scale(metric: str) -> tuple[float, int]:
     """(factor, decimals) to print a metric like the paper: scores in [0, 1] ×100; BER is already ×100; MAE
-    stays in [0, 1] with three decimals."""
-    return {"ber": (1, 2), "mae": (1, 3)}.get(metric, (100, 2))
+    stays in [0, 1] with three decimals (ber_per_image is ×100 like ber)."""
+    return {"ber": (1, 2), "ber_per_image": (1, 2), "mae": (1, 3)}.get(metric, (100, 2))
 
 
 def column_label(col) -> str:
