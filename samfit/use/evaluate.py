@@ -1,0 +1,107 @@
+"""Score a finished run on another dataset or test folder (transfer), with the run's own evaluation protocol.
+
+Written to RUN/eval/<name>.json (scores per split, images scored, protocol) and RUN/eval/<name>_images.csv (one
+row per image: binary IoU and Dice; multi-class pixel accuracy); the run's metrics.json is never touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from samfit.errors import SamfitError
+
+
+def _available_splits(spec, folder: Path) -> list[str]:
+    if spec.csv:
+        return sorted(spec.csv)
+    return sorted(p.name for p in folder.iterdir() if (p / "images").is_dir() and (p / "masks").is_dir())
+
+
+def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: str | None = None,
+                 datasets_file: str | None = None, data_root: str | None = None, batch_size: int | None = None,
+                 device: str = "auto", precision: str = "auto", limit: int | None = None,
+                 console: Console | None = None) -> Path:
+    """Score the run on `dataset` (a registry name, a canonical folder or a CSV); returns the JSON's path."""
+    from samfit.data import SegmentationFolder, ensure_available, resolve_dataset, split_pairs
+    from samfit.engine import rundir
+    from samfit.engine.evaluate import make_evaluator, predict_batches, score_at
+    from samfit.engine.step import autocast_for, resolve_precision
+    from samfit.use.load import load_run
+
+    model = load_run(run_dir, device=device)
+    run_dir = Path(run_dir)
+    spec = resolve_dataset(dataset, datasets_file)
+    if spec.num_classes != model.num_classes:
+        kind = "binary" if model.num_classes == 1 else f"{model.num_classes} classes"
+        raise SamfitError(
+            f"Run {run_dir} segments {kind}, but dataset '{spec.name}' is {spec.task} with {len(spec.classes)} "
+            f"classes ({', '.join(spec.classes)}). Evaluate it on a dataset of the same task and classes.")
+    name = name or spec.name
+    if not name or "/" in name or name.startswith("."):
+        raise SamfitError(f"--name {name!r}: give a plain file name (no '/', not starting with '.').")
+    folder = ensure_available(spec, data_root)
+    available = _available_splits(spec, folder)
+    splits = list(splits or spec.eval_splits)
+    for split in splits:
+        if split not in available:
+            raise SamfitError(f"Dataset '{spec.name}' has no split '{split}' (in {folder}). Available: "
+                              f"{', '.join(available) or 'none'}; pass one with --split.")
+    if batch_size is not None and batch_size < 1:
+        raise SamfitError(f"--batch-size {batch_size}: must be >= 1.")
+    if limit is not None and limit < 1:
+        raise SamfitError(f"--limit {limit}: must be >= 1.")
+    cfg = dataclasses.replace(model.run_config, batch_size=batch_size or model.run_config.batch_size,
+                              num_workers=0)
+    dev = next(model.parameters()).device
+    autocast = autocast_for(precision, dev)[0]
+    scores, rows, counts = {}, [], {}
+    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console or Console(stderr=True), transient=True,
+                  disable=console is None) as progress:
+        for split in splits:
+            data = SegmentationFolder(split_pairs(spec, folder, split), cfg.image_size, spec.task, spec.num_classes,
+                                      limit=limit)
+            evaluator = make_evaluator(spec)
+            task = progress.add_task(f"evaluate {spec.name}/{split}", total=len(data))
+            for index, s in predict_batches(model, data, list(range(len(data))), cfg.batch_size, dev, autocast):
+                pred, gt = score_at(s, data.gt(index), cfg.eval_resolution, cfg.image_size)
+                evaluator.update(pred, gt)
+                row = {"split": split, "image": str(data.pairs[index][0])}
+                if spec.task == "binary":
+                    row.update(iou=evaluator.iou[-1], dice=evaluator.dice[-1])
+                else:
+                    known = gt != 255
+                    row["pixel_accuracy"] = float((pred[known] == gt[known]).mean()) if known.any() else None
+                rows.append(row)
+                progress.advance(task)
+            result = evaluator.compute()
+            if "iou_per_class" in result:
+                result["iou_per_class"] = dict(zip(spec.classes, result["iou_per_class"]))
+            scores[split], counts[split] = result, len(data)
+    out = run_dir / "eval" / f"{name}.json"
+    import pandas as pd
+
+    rundir.write_text(out.with_name(f"{name}_images.csv"), pd.DataFrame(rows).to_csv(index=False))
+    rundir.write_json(out, {
+        "run": model.run_config.run_name(), "dataset": spec.name, "source": str(dataset), "task": spec.task,
+        "headline": {"metric": spec.headline, "lower_is_better": spec.lower_is_better,
+                     "value": scores[splits[0]].get(spec.headline), "split": splits[0]},
+        "scores": scores, "images": counts, "eval_resolution": cfg.eval_resolution,
+        "image_size": cfg.image_size, "precision": resolve_precision(precision, dev), "device": str(dev),
+        "per_image": out.with_name(f"{name}_images.csv").name})
+    return out
+
+
+def headline_line(path: Path) -> str:
+    """'<metric> on <split> = <value>' from an evaluation JSON."""
+    from samfit.engine.rundir import read_json
+
+    head = read_json(path)["headline"]
+    value = head["value"]
+    return f"{head['metric']} on {head['split']} = {value:.4f}" if isinstance(value, float) else str(head)
+
+
+__all__ = ["evaluate_run", "headline_line"]
