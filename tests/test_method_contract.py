@@ -45,6 +45,7 @@ BAD = {  # values of a kind (or meant for it) that no field should accept; strin
 }
 VALID_ANYWAY = {  # (method, key, value as on the command line) that is valid although BAD lists it
     ("lst", "reduction", "0"): "reduction=0 means the side width is side_dim, not d / reduction",
+    ("fact", "rank", "0"): "rank=0 means the rank is chosen per backbone within LoRA r=3's budget",
 }
 NO_BAD_VALUES = object()
 GOOD = {}  # (method, key) -> an accepted non-default value, where good_value() cannot derive one
@@ -53,6 +54,8 @@ GOOD = {}  # (method, key) -> an accepted non-default value, where good_value() 
 def good_value(name, key, kind, default):
     if (name, key) in GOOD:
         return GOOD[name, key]
+    if key == "blocks":  # the placement every method with per-block parts takes (test_placement.py)
+        return "last:1"
     if kind is bool:
         return not default
     if kind is int:

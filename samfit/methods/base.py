@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import re
 import typing
 from typing import ClassVar
 
@@ -43,6 +44,12 @@ class Method:
     def __init__(self, **overrides):
         valid = {f.name: f for f in dataclasses.fields(self.Config)}
         unknown = sorted(set(overrides) - set(valid))
+        if BLOCKS in unknown:
+            raise SamfitError(
+                f"--method-arg {BLOCKS}={show(overrides[BLOCKS])} for method '{self.name}': this method has no "
+                f"per-block parts to place, so it takes no {BLOCKS}= (placement applies to methods whose parts "
+                f"live in the encoder blocks; see `samfit methods`)."
+            )
         if unknown:
             raise SamfitError(
                 f"Unknown --method-arg {', '.join(unknown)} for method '{self.name}'. "
@@ -75,6 +82,20 @@ class Method:
 
     def describe(self) -> dict:
         return dataclasses.asdict(self.config)
+
+    def block_indices(self, model: nn.Module) -> list[int]:
+        """The encoder blocks this method goes into: its `blocks` placement checked against the model's depth
+        (every block for a method without placement)."""
+        depth = len(encoder_blocks(model))
+        return select_blocks(self.name, getattr(self.config, BLOCKS, "all"), depth)
+
+    def selected_blocks(self, model: nn.Module) -> list[nn.Module]:
+        blocks = encoder_blocks(model)
+        return [blocks[i] for i in self.block_indices(model)]
+
+    def places_everywhere(self) -> bool:
+        """True for the default placement (every block; parts outside the blocks included)."""
+        return getattr(self.config, BLOCKS, "all") == "all"
 
 
 def _coerce(method: str, key: str, value, kind, config: type):
@@ -164,3 +185,62 @@ def require_ints(method: str, key: str, value, minimum: int = 0, unique: bool = 
 
 def encoder_blocks(model) -> nn.ModuleList:
     return model.image_encoder.blocks
+
+
+# ------------------------------------------------------------------ placement: which blocks a method goes into
+BLOCKS = "blocks"
+PLACEMENTS = "all, last:K, first:K, or distinct block indices i,j,k"
+
+
+def require_blocks(method: str, key: str, value) -> str:
+    """A placement's syntax (the depth is checked at apply time, `select_blocks`), normalised: "all",
+    "last:K", "first:K" (K >= 1) or "i,j,k" (distinct indices >= 0, in the given order)."""
+    text = value.replace(" ", "").lower() if isinstance(value, str) else None
+    if text == "all":
+        return text
+    match = re.fullmatch(r"(last|first):(\d+)", text or "")
+    if match and int(match[2]) >= 1:
+        return f"{match[1]}:{int(match[2])}"
+    if text and re.fullmatch(r"\d+(,\d+)*", text):
+        indices = [int(i) for i in text.split(",")]
+        if len(set(indices)) == len(indices):
+            return ",".join(map(str, indices))
+    raise invalid(method, key, value, f"{PLACEMENTS} (K >= 1), given as a string, e.g. {key}=last:3")
+
+
+def select_blocks(method: str, value: str, depth: int, key: str = BLOCKS) -> list[int]:
+    """The block indices (ascending) a normalised placement selects in an encoder of `depth` blocks."""
+    value = require_blocks(method, key, value)
+    if value == "all":
+        return list(range(depth))
+    where, _, count = value.partition(":")
+    if where in ("last", "first") and int(count) <= depth:
+        k = int(count)
+        return list(range(depth - k, depth)) if where == "last" else list(range(k))
+    if where not in ("last", "first") and all(int(i) < depth for i in value.split(",")):
+        return sorted(int(i) for i in value.split(","))
+    raise invalid(method, key, value, f"all, last:K or first:K with K from 1 to {depth}, or distinct block "
+                                      f"indices from 0 to {depth - 1} (this encoder has {depth} blocks)")
+
+
+def placement_config(method: str) -> type:
+    """The Config of a method whose only hyperparameter is its placement."""
+
+    @dataclasses.dataclass
+    class PlacementConfig:
+        blocks: str = "all"  # all | last:K | first:K | i,j,k
+
+        def __post_init__(self):
+            self.blocks = require_blocks(method, BLOCKS, self.blocks)
+
+    PlacementConfig.__qualname__ = PlacementConfig.__name__ = f"PlacementConfig[{method}]"
+    return PlacementConfig
+
+
+def replace_modules(model: nn.Module, kind: type, make) -> nn.Module:
+    """Replace every module of type `kind` inside `model` by `make(module)` (in place); returns the model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, kind):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, make(module))
+    return model
