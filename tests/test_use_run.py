@@ -1,0 +1,183 @@
+"""Using a finished run: samfit.load_run, `samfit predict` and `samfit evaluate` on a 1-epoch tiny run of the built-in
+`shapes` data. Predicting the run's test images and scoring the written PNGs gives metrics.json's numbers exactly
+(same model rebuilt from config.yaml and the seed, same preprocessing, same batches, same upsampling)."""
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import samfit
+from samfit import SamfitError
+from samfit.config import make_config
+from samfit.data import resolve_dataset
+from samfit.engine.train import run
+from samfit.metrics import BinaryEvaluator, MulticlassEvaluator
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LIMIT_EVAL = 6
+whole_run = pytest.mark.slow  # tests on a trained run (one 1-epoch tiny run, ~5 s, shared by the module)
+
+
+def _train(tmp, dataset, **extra):
+    settings = dict(method="lora", dataset=dataset, model="tiny", image_size=64, epochs=1, limit_train=4,
+                    limit_eval=LIMIT_EVAL, batch_size=2, effective_batch=2, device="cpu", out=str(tmp / "runs"),
+                    data_root=str(tmp / "data"))
+    settings.update(extra)
+    return run(make_config(**settings), quiet=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("use")
+    folder = _train(tmp, "shapes")
+    return folder, tmp / "data" / "shapes"
+
+
+def first_images(data_dir, split="test"):
+    return sorted((data_dir / split / "images").iterdir())[:LIMIT_EVAL]
+
+
+def _gt(data_dir, image, split="test"):
+    return cv2.imread(str(data_dir / split / "masks" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
+
+
+@whole_run
+def test_predict_then_score_gives_the_runs_numbers(trained, tmp_path, cli):
+    folder, data_dir = trained
+    images = first_images(data_dir)
+    code, out, message = cli("predict", folder, *images, "--out", tmp_path / "pred", "--device", "cpu")
+    assert code == 0, message
+    evaluator = BinaryEvaluator(sod=False)
+    for image in images:
+        mask = cv2.imread(str(tmp_path / "pred" / "masks" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
+        gt = _gt(data_dir, image)
+        assert mask.shape == gt.shape and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        evaluator.update(mask > 127, gt)
+    expected = json.loads((folder / "metrics.json").read_text())["scores"]["test"]
+    assert 0 < expected["iou_per_image"] < 1  # masks that are neither empty nor perfect: the comparison can fail
+    # the dataset's metrics (IoU, Dice) threshold at 0.5 as the masks do; BER has its own threshold (125/255)
+    declared = resolve_dataset("shapes").metrics
+    assert {k: v for k, v in evaluator.compute().items() if k in declared} == {k: expected[k] for k in declared}
+
+
+@whole_run
+def test_load_run_eval_mode_and_another_size(trained):
+    folder, _ = trained
+    model = samfit.load_run(folder, device="cpu")
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    best = torch.load(folder / "checkpoints" / "best.pt", weights_only=True)
+    state = model.state_dict()
+    assert best and all(torch.equal(state[k], v) for k, v in best.items())
+    bigger = samfit.load_run(folder, device="cpu", image_size=128)
+    assert bigger.image_encoder.pos_embed.shape[1:3] == (8, 8) and bigger.image_size == 128
+    with torch.no_grad():
+        assert bigger(torch.zeros(1, 3, 128, 128))["logits"].shape == (1, 1, 128, 128)
+    same = {k: v for k, v in bigger.state_dict().items() if "pos_embed" not in k and "rel_pos" not in k}
+    assert all(torch.equal(v, state[k]) for k, v in same.items())  # only the position tables differ
+
+
+@whole_run
+def test_predict_outputs_and_a_corrupt_image_is_skipped(trained, tmp_path, cli):
+    folder, data_dir = trained
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for image in first_images(data_dir)[:2]:
+        shutil.copy(image, inputs / image.name)
+    (inputs / "broken.png").write_bytes(b"\x89PNG not really")
+    code, out, message = cli("predict", folder, inputs, "--out", tmp_path / "pred", "--overlay", "--probabilities",
+                             "--batch-size", "1", "--device", "cpu")
+    assert code == 0, message
+    assert "wrote 2 mask(s)" in " ".join(out.split()) and "; 1 skipped" in " ".join(out.split())
+    assert sorted(p.name for p in (tmp_path / "pred" / "masks").iterdir()) == ["0000.png", "0001.png"]
+    image = cv2.imread(str(inputs / "0000.png"))
+    overlay = cv2.imread(str(tmp_path / "pred" / "overlays" / "0000.jpg"))
+    prob = cv2.imread(str(tmp_path / "pred" / "probabilities" / "0000.png"), cv2.IMREAD_UNCHANGED)
+    mask = cv2.imread(str(tmp_path / "pred" / "masks" / "0000.png"), cv2.IMREAD_UNCHANGED)
+    assert overlay.shape == image.shape and prob.dtype == np.uint16 and prob.shape == image.shape[:2]
+    assert np.array_equal(prob > 0.5 * 65535, mask > 0)
+    assert sorted(p.name for p in inputs.iterdir()) == ["0000.png", "0001.png", "broken.png"]  # inputs untouched
+
+
+@whole_run
+def test_predict_refuses_bad_inputs(trained, tmp_path, cli):
+    folder, data_dir = trained
+    images = data_dir / "test" / "images"
+    code, _, message = cli("predict", folder, images, "--out", images / "masks")
+    assert code == 2 and "inside the input folder" in message
+    (tmp_path / "empty").mkdir()
+    code, _, message = cli("predict", folder, tmp_path / "empty", "--out", tmp_path / "o1")
+    assert code == 2 and "No images in folder" in message
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    code, _, message = cli("predict", folder, tmp_path / "bad.png", "--out", tmp_path / "o2")
+    assert code == 2 and "nothing was written" in message and not (tmp_path / "o2" / "masks").exists()
+    code, _, message = cli("predict", folder, str(tmp_path / "*.jpg"), "--out", tmp_path / "o3")
+    assert code == 2 and "No image files match" in message
+
+
+@whole_run
+def test_unfinished_runs_are_refused(trained, tmp_path):
+    folder, _ = trained
+    for status, words in [({"status": "running"}, "still running"),
+                          ({"status": "failed", "error": "boom"}, "did not finish (status failed: boom)")]:
+        copy = tmp_path / status["status"]
+        shutil.copytree(folder, copy)
+        (copy / "status.json").write_text(json.dumps(status))
+        with pytest.raises(SamfitError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            samfit.load_run(copy)
+    with pytest.raises(SamfitError, match="not a samfit run folder"):
+        samfit.load_run(tmp_path)
+
+
+def test_a_missing_or_different_sam_checkpoint_is_named(tmp_path):
+    from samfit.config import RunConfig
+    from samfit.use.load import RunRecord, run_checkpoint
+
+    path = tmp_path / "sam_vit_b_custom.pth"
+    record = RunRecord(tmp_path, RunConfig(model="vit_b"), {"sam_checkpoint": {"path": str(path), "md5": "0" * 32}},
+                       {})
+    with pytest.raises(SamfitError, match=r"sam_vit_b_custom.pth, which is not there.*samfit weights download vit_b"):
+        run_checkpoint(record)
+    path.write_bytes(b"other weights")
+    with pytest.raises(SamfitError, match=r"has MD5 [0-9a-f]{32}, but run .* MD5 0{32}"):
+        run_checkpoint(record)
+
+
+@whole_run
+def test_evaluate_writes_eval_json_and_leaves_metrics_json_alone(trained, cli):
+    folder, data_dir = trained
+    before = (folder / "metrics.json").read_bytes()
+    code, out, message = cli("evaluate", folder, "--dataset", data_dir, "--limit", LIMIT_EVAL, "--device", "cpu",
+                             "--name", "again")
+    assert code == 0, message
+    assert (folder / "metrics.json").read_bytes() == before
+    result = json.loads((folder / "eval" / "again.json").read_text())
+    assert result["scores"]["test"] == json.loads(before)["scores"]["test"]  # the same test images, same protocol
+    rows = (folder / "eval" / "again_images.csv").read_text().splitlines()
+    assert rows[0] == "split,image,iou,dice" and len(rows) == 1 + LIMIT_EVAL
+    code, _, message = cli("evaluate", folder, "--dataset", data_dir, "--split", "nope")
+    assert code == 2 and "no split 'nope'" in message and "Available: test, train, val" in message
+    code, _, message = cli("evaluate", folder, "--dataset", "shapes-multiclass", "--data-root", data_dir.parent)
+    assert code == 2 and "segments binary" in message
+    assert (folder / "metrics.json").read_bytes() == before
+
+
+@whole_run
+def test_multiclass_predict_writes_palette_class_maps_scoring_as_the_run(tmp_path, cli):
+    from PIL import Image
+
+    folder = _train(tmp_path, "shapes-multiclass")
+    data_dir = tmp_path / "data" / "shapes-multiclass"
+    images = first_images(data_dir)
+    code, _, message = cli("predict", folder, *images, "--out", tmp_path / "pred", "--device", "cpu")
+    assert code == 0, message
+    evaluator = MulticlassEvaluator(5)
+    for image in images:
+        written = Image.open(tmp_path / "pred" / "masks" / f"{image.stem}.png")
+        assert written.mode == "P" and written.getpalette()[:6] == [0, 0, 0, 230, 25, 75]
+        evaluator.update(np.array(written).astype(np.int64), _gt(data_dir, image))
+    expected = json.loads((folder / "metrics.json").read_text())["scores"]["test"]
+    result = evaluator.compute()
+    assert result["miou"] == expected["miou"]
