@@ -126,7 +126,9 @@ class RunConfig:
                                    lr=self.lr if self.lr is not None else spec.lr, loss=self.loss or spec.loss)
 
     def run_name(self) -> str:
-        return self.name or f"{Path(self.dataset).stem}_{self.method}_{self.model}_{self.image_size}_s{self.seed}"
+        blocks = self.method_args.get("blocks", "all")  # a placement other than every block: method@placement
+        method = self.method if blocks == "all" else f"{self.method}@{blocks}"
+        return self.name or f"{Path(self.dataset).stem}_{method}_{self.model}_{self.image_size}_s{self.seed}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from samfit.methods.base import Method, encoder_blocks, register_method, require_int
+from samfit.methods.base import Method, register_method, require_blocks, require_int
 
 
 class BottleneckAdapter(nn.Module):
@@ -51,9 +51,11 @@ class SerialAdapter(nn.Module):
 @dataclass
 class AdapterConfig:
     bottleneck: int = 3
+    blocks: str = "all"  # placement: all | last:K | first:K | i,j,k
 
     def __post_init__(self):
         self.bottleneck = require_int("adapter", "bottleneck", self.bottleneck, minimum=1, note=" (the adapter width)")
+        self.blocks = require_blocks("adapter", "blocks", self.blocks)
 
 
 @register_method
@@ -65,7 +67,7 @@ class Adapter(Method):
 
     def inject(self, model) -> None:
         m = self.config.bottleneck
-        for block in encoder_blocks(model):
+        for block in self.selected_blocks(model):
             dim = block.norm1.normalized_shape[0]
             block.attn = SerialAdapter(block.attn, dim, m)
             block.mlp = SerialAdapter(block.mlp, dim, m)

@@ -45,10 +45,11 @@ class Method:
         valid = {f.name: f for f in dataclasses.fields(self.Config)}
         unknown = sorted(set(overrides) - set(valid))
         if BLOCKS in unknown:
+            placeable = [n for n, m in REGISTRY.items() if BLOCKS in {f.name for f in dataclasses.fields(m.Config)}]
             raise SamfitError(
-                f"--method-arg {BLOCKS}={show(overrides[BLOCKS])} for method '{self.name}': this method has no "
-                f"per-block parts to place, so it takes no {BLOCKS}= (placement applies to methods whose parts "
-                f"live in the encoder blocks; see `samfit methods`)."
+                f"--method-arg {BLOCKS}={show(overrides[BLOCKS])} for method '{self.name}': this method takes no "
+                f"placement (its trainable parts are not layers inside chosen encoder blocks). Methods that take "
+                f"{BLOCKS}=: {', '.join(placeable)}."
             )
         if unknown:
             raise SamfitError(

@@ -10,19 +10,20 @@ biases simply are the fine-tuned model's biases.
 """
 from __future__ import annotations
 
-from samfit.methods.base import Method, encoder_blocks, register_method
+from samfit.methods.base import Method, placement_config, register_method
 
 
 @register_method
 class BitFit(Method):
     name = "bitfit"
     summary = "train every bias inside the encoder blocks"
+    Config = placement_config("bitfit")
     identical_at_init = True
     mergeable = True
     unfreezes = ("image_encoder.blocks.*.bias",)  # exactly the six biases of every block, nothing else
 
     def inject(self, model) -> None:
-        for block in encoder_blocks(model):
+        for block in self.selected_blocks(model):
             for layer in (block.attn.qkv, block.attn.proj, block.mlp.lin1, block.mlp.lin2, block.norm1, block.norm2):
                 layer.bias.requires_grad_(True)
 

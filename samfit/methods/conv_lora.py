@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samfit.errors import SamfitError
-from samfit.methods.base import (Method, _coerce, encoder_blocks, register_method, require_bool, require_float,
+from samfit.methods.base import (Method, _coerce, register_method, require_blocks, require_bool, require_float,
                                  require_int, require_ints, show)
 from samfit.methods.lora import add_low_rank_factors
 
@@ -164,9 +164,11 @@ class ConvLoRAConfig:
     top_k: int = 1
     noisy_gating: bool = True
     balance_weight: float = 0.01
+    blocks: str = "all"  # placement: all | last:K | first:K | i,j,k
 
     def __post_init__(self):
         m = "conv-lora"
+        self.blocks = require_blocks(m, "blocks", self.blocks)
         self.rank = require_int(m, "rank", self.rank, minimum=1)
         self.alpha = require_float(m, "alpha", self.alpha, low=0, include_low=False)
         self.experts = require_int(m, "experts", self.experts, minimum=1)
@@ -199,6 +201,6 @@ class ConvLoRA(Method):
 
     def inject(self, model) -> None:
         c = self.config
-        for block in encoder_blocks(model):
+        for block in self.selected_blocks(model):
             block.attn.qkv = ConvLoRALinear(block.attn.qkv, c.rank, c.alpha, c.experts, c.scales, c.top_k,
                                             c.noisy_gating, c.balance_weight)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from samfit.methods.base import Method, encoder_blocks, register_method, require_float, require_int
+from samfit.methods.base import Method, register_method, require_blocks, require_float, require_int
 
 
 def add_low_rank_factors(module: nn.Module, base: nn.Linear, rank: int, alpha: float) -> None:
@@ -52,10 +52,12 @@ class LoRALinear(nn.Module):
 class LoRAConfig:
     rank: int = 3
     alpha: float = 32.0  # the update is scaled by alpha / rank
+    blocks: str = "all"  # placement: all | last:K | first:K | i,j,k
 
     def __post_init__(self):
         self.rank = require_int("lora", "rank", self.rank, minimum=1)
         self.alpha = require_float("lora", "alpha", self.alpha, low=0, include_low=False)
+        self.blocks = require_blocks("lora", "blocks", self.blocks)
 
 
 @register_method
@@ -67,7 +69,7 @@ class LoRA(Method):
     mergeable = True
 
     def inject(self, model) -> None:
-        for block in encoder_blocks(model):
+        for block in self.selected_blocks(model):
             block.attn.qkv = LoRALinear(block.attn.qkv, self.config.rank, self.config.alpha)
 
     def merge(self, model: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ import torch
 from segment_anything.modeling.image_encoder import PatchEmbed
 from torch import nn
 
-from samfit.methods.base import Method, encoder_blocks, register_method
+from samfit.methods.base import Method, placement_config, register_method
 
 
 class ScaleShift(nn.Module):
@@ -65,11 +65,13 @@ class SSF(Method):
     summary = "per-channel scale and shift after every encoder operation"
     identical_at_init = False  # γ ~ N(1, 0.02), β ~ N(0, 0.02)
     mergeable = True
+    Config = placement_config("ssf")  # with a placement, the patch embedding's γ, β come only with blocks=all
 
     def inject(self, model) -> None:
         encoder = model.image_encoder
-        encoder.patch_embed = ScaleShift(encoder.patch_embed, encoder.patch_embed.proj.out_channels)
-        for block in encoder_blocks(model):
+        if self.places_everywhere():
+            encoder.patch_embed = ScaleShift(encoder.patch_embed, encoder.patch_embed.proj.out_channels)
+        for block in self.selected_blocks(model):
             attn, mlp = block.attn, block.mlp
             attn.qkv = ScaleShift(attn.qkv, attn.qkv.out_features)
             attn.proj = ScaleShift(attn.proj, attn.proj.out_features)

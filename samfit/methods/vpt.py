@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from segment_anything.modeling.image_encoder import window_partition, window_unpartition
 from torch import nn
 
-from samfit.methods.base import Method, register_method, require_int
+from samfit.methods.base import Method, register_method, require_blocks, require_int
 from samfit.model.attention import decomposed_rel_pos, upcasting_fallback
 
 
@@ -80,10 +80,12 @@ class PromptedBlock(nn.Module):
 @dataclass
 class VPTConfig:
     num_prompts: int = 12
+    blocks: str = "all"  # placement: all | last:K | first:K | i,j,k
 
     def __post_init__(self):
         self.num_prompts = require_int("vpt", "num_prompts", self.num_prompts, minimum=1,
                                        note=" (prompt tokens per block)")
+        self.blocks = require_blocks("vpt", "blocks", self.blocks)
 
 
 @register_method
@@ -97,5 +99,5 @@ class VPT(Method):
     def inject(self, model) -> None:
         encoder = model.image_encoder
         patch = encoder.patch_embed.proj.kernel_size[0]
-        for i, block in enumerate(encoder.blocks):
-            encoder.blocks[i] = PromptedBlock(block, self.config.num_prompts, patch)
+        for i in self.block_indices(model):
+            encoder.blocks[i] = PromptedBlock(encoder.blocks[i], self.config.num_prompts, patch)
