@@ -99,20 +99,51 @@ def _find_splits(layout: Layout, sources: list[Path], tmp: Path, out: Path, name
             raise
         splits = None  # perhaps completed by the archives beside the unpacked part
     if splits is None and inner:
-        splits = _detect(layout, roots + [_unpack(a, tmp, names) for a in inner], out)
+        roots = roots + [_unpack(a, tmp, names) for a in inner]
+        splits = _detect(layout, roots, out)
     if splits is None:
         shown = ", ".join(str(s) for s in sources)
-        raise SamfitError(f"{shown}: not a '{layout.name}' download in a known layout.\n"
+        index = DirIndex(roots, exclude=(out,))
+        raise SamfitError(f"{shown}: not a '{layout.name}' download in a known layout: looked in "
+                          f"{index.where()} (at any depth) for the folders below, and "
+                          f"{index.nearest(*_top_names(layout.tree))}.\n"
                           f"Expected one of these layouts (at any depth below the source):\n{layout.describe()}")
     if not any(splits.values()):
         raise SamfitError(f"The '{layout.name}' source {', '.join(map(str, sources))} holds no images.")
     return splits
 
 
+def _top_names(tree: str) -> list[str]:
+    """The folder names a layout's tree starts with (`TrainDataset/{images,masks}/` -> TrainDataset)."""
+    import re
+
+    names = []
+    for line in tree.strip().splitlines():
+        words = line.strip().split()
+        words = words[1:] if words[:1] == ["or"] else words
+        first = words[0].split("/")[0] if words else ""
+        names += re.sub(r"[{}]", "", first).split(",") if first and not first.startswith("(") else []
+    return [n for n in names if n] or ["train"]
+
+
 def _detect(layout: Layout, roots: list[Path], out: Path) -> Splits | None:
     """CSV pair lists win over the folder layout: they are the paper's own split."""
     index = DirIndex(roots, exclude=(out,))
-    return find_csv_splits(index, layout) or layout.find(index)
+    splits = find_csv_splits(index, layout)
+    if splits:
+        return splits
+    splits = layout.find(index)
+    if splits is not None and layout.split_record is not None:
+        splits = _RecordedSplits(splits, layout.split_record(splits))
+    return splits
+
+
+class _RecordedSplits(dict):
+    """Splits that samfit drew itself (e.g. Kvasir-SEG's), with the record `prepare` writes to split.json."""
+
+    def __init__(self, splits: Splits, record: dict):
+        super().__init__(splits)
+        self.record = record
 
 
 def _unpack(archive: Path, tmp: Path, names: dict[Path, str]) -> Path:
@@ -168,6 +199,13 @@ def _write_dataset(name: str, layout: Layout, splits: Splits, out: Path, progres
                 if bar is not None:
                     bar.advance(task)
     _remove_stale(out, set(splits), kept)
+    record = out / "split.json"
+    if isinstance(splits, _RecordedSplits):
+        import json
+
+        _write_if_changed(record, (json.dumps(splits.record, indent=1) + "\n").encode())
+    elif record.is_file():
+        record.unlink()
 
 
 def _write_pair(pair: Pair, layout: Layout, split_dir: Path) -> tuple[Path, Path]:

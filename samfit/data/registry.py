@@ -41,6 +41,7 @@ class DatasetSpec:
     downloads: list = field(default_factory=list)
     root: Path | None = None  # where the canonical layout lives (set for folder / CSV datasets)
     csv: dict[str, Path] = field(default_factory=dict)  # split -> CSV of image,label pairs
+    missing_tests: list[str] = field(default_factory=list)  # test sets the prepared download lacks
 
     @property
     def num_classes(self) -> int:
@@ -48,7 +49,9 @@ class DatasetSpec:
 
     @property
     def eval_splits(self) -> list[str]:
-        return list(self.test)
+        """The test sets to score: every declared one the prepared data holds (`ensure_available` records
+        those a download lacks in `missing_tests`, e.g. the Conv-LoRA code's polyp zip has 2 of 5)."""
+        return [t for t in self.test if t not in self.missing_tests]
 
 
 
@@ -143,16 +146,30 @@ def ensure_available(spec: DatasetSpec, root: str | Path | None = None) -> Path:
 
         generate(spec, folder)
         return folder
-    needed = [s for s in [spec.train, spec.val, *spec.test] if s]
-    missing = [s for s in needed if not (folder / s / "images").is_dir() or not (folder / s / "masks").is_dir()]
-    if missing:
+    needed = [s for s in [spec.train, spec.val] if s]
+    present = lambda s: (folder / s / "images").is_dir() and (folder / s / "masks").is_dir()  # noqa: E731
+    missing = [s for s in needed if not present(s)]
+    tests = [t for t in spec.test if present(t)]
+    if missing or not tests:
+        missing += [t for t in spec.test if not present(t)]
         how = (f"  samfit data download {spec.name}\nor, with the official files downloaded by hand,\n"
                if spec.downloads else "")
         raise SamfitError(
             f"Dataset '{spec.name}' is not prepared: {folder} lacks split(s) {', '.join(missing)}.\n"
             f"Expected layout: {folder}/<split>/images/*.png|jpg and {folder}/<split>/masks/*.png "
-            f"for splits {', '.join(needed)}.\nGet it with\n{how}"
+            f"for splits {', '.join(needed)} and at least one of the test sets {', '.join(spec.test)}.\n"
+            f"Get it with\n{how}"
             f"  samfit data prepare {spec.name} --source PATH_TO_OFFICIAL_ZIP_OR_FOLDER\n"
             f"(data root: {folder.parent}; set SAMFIT_DATA or --data-root to use another)."
         )
+    spec.missing_tests = [t for t in spec.test if t not in tests]
     return folder
+
+
+def missing_tests_note(spec: DatasetSpec) -> str | None:
+    """One line saying which test sets are scored and which the prepared download lacks (None if none)."""
+    if not spec.missing_tests:
+        return None
+    return (f"dataset '{spec.name}': scoring the test set(s) {', '.join(spec.eval_splits)}; the prepared data "
+            f"lacks {', '.join(spec.missing_tests)} (not in the download; prepare the full official download to "
+            f"score them). Their table cells stay empty.")

@@ -18,7 +18,8 @@ import numpy as np
 from samfit.data.registry import IMAGE_SUFFIXES
 from samfit.errors import SamfitError
 
-MAX_DEPTH = 6
+MAX_DEPTH = 10
+JUNK_FILES = {"thumbs.db", "desktop.ini"}  # besides hidden files (.DS_Store, macOS ._x) and __MACOSX
 
 
 @dataclass(frozen=True)
@@ -63,12 +64,31 @@ class DirIndex:
         wanted = {n.lower() for n in names}
         return self.find(lambda d: d.name.lower() in wanted and having(d))
 
+    def nearest(self, *names: str) -> str:
+        """The folder whose name is closest to one of `names` (for refusals: 'nearest found: ...')."""
+        import difflib
+
+        best, score = None, 0.0
+        roots = {os.path.realpath(r) for r in self.roots}
+        for d in self.dirs:
+            if os.path.realpath(d) in roots:
+                continue
+            for n in names:
+                ratio = difflib.SequenceMatcher(None, d.name.lower(), n.lower()).ratio()
+                if ratio > score:
+                    best, score = d, ratio
+        return f"the nearest folder found is {best}" if best is not None and score >= 0.5 else \
+            "no folder with a similar name was found"
+
+    def where(self) -> str:
+        return ", ".join(str(r) for r in self.roots)
+
     def files_named(self, name: str) -> list[Path]:
         return [d / name for d in self.dirs if (d / name).is_file()]
 
 
 def _ignored(name: str) -> bool:
-    return name.startswith(".") or name == "__MACOSX"
+    return name.startswith(".") or name == "__MACOSX" or name.lower() in JUNK_FILES
 
 
 def child(folder: Path, *names: str) -> Path | None:
@@ -79,6 +99,16 @@ def child(folder: Path, *names: str) -> Path | None:
     except OSError:
         return None
     return next((found[n] for n in wanted if n in found), None)
+
+
+def holds_images(folder: Path) -> bool:
+    """The folder holds image files directly (not only a subfolder of the same name, as in mirrors that
+    nest `X/X/`)."""
+    try:
+        return any(e.is_file() and not _ignored(e.name) and Path(e.name).suffix.lower() in IMAGE_SUFFIXES
+                   for e in os.scandir(folder))
+    except OSError:
+        return False
 
 
 def has(*groups: tuple[str, ...]) -> Callable[[Path], bool]:
@@ -129,9 +159,10 @@ def pair_folder(
     return [Pair(prefix + stem, path, mask_by_stem[stem]) for stem, path in by_stem.items()]
 
 
-def strip_suffix(suffix: str) -> Callable[[str], str | None]:
-    """Mask-stem rule `<stem><suffix>` -> `<stem>` (None for names without the suffix)."""
-    return lambda s: s[: -len(suffix)] if s.endswith(suffix) else None
+def strip_suffix(suffix: str, optional: bool = False) -> Callable[[str], str | None]:
+    """Mask-stem rule `<stem><suffix>` -> `<stem>`, the suffix in any letter case (None for names without
+    it, or the name itself when `optional`)."""
+    return lambda s: s[: -len(suffix)] if s.lower().endswith(suffix.lower()) else (s if optional else None)
 
 
 def sets_folder(index: DirIndex, name: str, sets: dict[str, str], groups) -> Path | None:
@@ -182,6 +213,7 @@ class Layout:
     find: Callable[[DirIndex], Splits | None]  # None when the layout's top folders are not there
     decode_mask: Callable[[Path], np.ndarray]
     csv_test_names: dict[str, str] = field(default_factory=dict)  # test_<X>.csv -> split name, X lower-cased
+    split_record: Callable[[Splits], dict] | None = None  # a split samfit draws: what prepare writes to split.json
 
     def describe(self) -> str:
         return describe(self.tree)

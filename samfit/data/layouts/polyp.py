@@ -3,7 +3,7 @@ training images) -> train, and TestDataset/{Kvasir,CVC-ClinicDB,CVC-ColonDB,ETIS
 test split each."""
 from __future__ import annotations
 
-from samfit.data.layouts.common import DirIndex, Layout, Splits, find_train_and_test_sets
+from samfit.data.layouts.common import DirIndex, Layout, Splits, find_train_and_test_sets, layout_error
 from samfit.data.layouts.masks import decode_binary_mask
 
 NAME = "polyp"
@@ -20,7 +20,16 @@ CSV_TEST_NAMES = {"kvasir": "kvasir", "cvc-clinicdb": "cvc-clinicdb", "clinicdb"
 
 
 def find_polyp(index: DirIndex) -> Splits | None:
-    return find_train_and_test_sets(index, NAME, TREE, ("TrainDataset",), POLYP_TEST_SETS, IMAGES, MASKS)
+    splits = find_train_and_test_sets(index, NAME, TREE, ("TrainDataset",), POLYP_TEST_SETS, IMAGES, MASKS)
+    if splits is None:
+        from samfit.data.layouts.kvasir import find_kvasir_folder
+
+        kvasir = find_kvasir_folder(index)
+        if kvasir is not None:
+            raise layout_error(NAME, TREE, f"{kvasir} is the original Kvasir-SEG download, not PraNet's split "
+                                           f"(TrainDataset/ + TestDataset/ of five test sets). Prepare it as its "
+                                           f"own dataset: samfit data prepare kvasir-seg --source ...")
+    return splits
 
 
 LAYOUT = Layout(NAME, TREE, find_polyp, decode_binary_mask, csv_test_names=CSV_TEST_NAMES)

@@ -2,7 +2,9 @@
 test} -> train / val / test, with images/ and masks/ (v1) or masks_12/ (v2).
 
 `validation`/`test` hold `easy` and `hard` subfolders; they are merged into one split (as the official
-TransLab loader does) and the subset is kept in the stem: `easy_<name>` / `hard_<name>`.
+TransLab loader does) and the subset is kept in the stem: `easy_<name>` / `hard_<name>`. The three split
+folders are looked for together under one root first; failing that, each on its own anywhere in the sources
+(the release as separate train / validation / test zips, passed together or as one folder of zips).
 
 Masks: v1 masks are RGB, channel mean 0 / 85 / 255 = background / things / stuff (the official TransLab
 loader's rule); samfit takes the nearest of the three (cut points 42.5 and 170) so anti-aliased edges cannot
@@ -54,15 +56,25 @@ def trans10k_finder(dataset: str, tree: str, masks: str) -> Callable[[DirIndex],
                                  prefix=f"{subset}_" if subset else "")
         return pairs
 
+    def is_split(d: Path) -> bool:
+        return has(("images",), (masks,))(d) or any(
+            child(d, s) is not None and has(("images",), (masks,))(child(d, s)) for s in ("easy", "hard"))
+
     def find(index: DirIndex) -> Splits | None:
-        is_train = lambda d: has(("images",), (masks,))(d)  # noqa: E731
-        root = index.find(lambda d: child(d, "train") is not None and is_train(child(d, "train")))
-        if root is None:
-            return None
-        missing = [s for s in TRANS10K_SPLITS if child(root, s) is None]
-        if missing:
-            raise layout_error(dataset, tree, f"{root} lacks the folder(s) {', '.join(missing)}.")
-        return {split: split_pairs(child(root, official)) for official, split in TRANS10K_SPLITS.items()}
+        root = index.find(lambda d: all(child(d, s) is not None and is_split(child(d, s)) for s in TRANS10K_SPLITS))
+        if root is not None:
+            found = {official: child(root, official) for official in TRANS10K_SPLITS}
+        else:  # separate archives: each split folder wherever it is
+            found = {official: index.named(official, having=is_split) for official in TRANS10K_SPLITS}
+            if found["train"] is None or not has(("images",), (masks,))(found["train"]):
+                return None
+            missing = [s for s, d in found.items() if d is None]
+            if missing:
+                raise layout_error(dataset, tree, f"Found {found['train']} but no {' or '.join(missing)} folder "
+                                                  f"with images/ and {masks}/ (or easy/ and hard/ holding them) "
+                                                  f"in {index.where()}; {index.nearest(*missing)}. Pass every "
+                                                  f"part of the download (e.g. all three zips).")
+        return {split: split_pairs(found[official]) for official, split in TRANS10K_SPLITS.items()}
 
     return find
 
