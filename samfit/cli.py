@@ -335,8 +335,12 @@ def data_check(
     from samfit.data.registry import ensure_available, resolve_dataset
 
     spec = resolve_dataset(name, datasets_file)
-    splits = [s for s in [spec.train, spec.val, *spec.test] if s] if spec.root is None else None
     folder = ensure_available(spec, data_root)  # generates synthetic sets; explains how to get real ones
+    splits = [s for s in [spec.train, spec.val, *spec.eval_splits] if s] if spec.root is None else None
+    if spec.missing_tests:
+        from samfit.data.registry import missing_tests_note
+
+        err.print(f"[yellow]{missing_tests_note(spec)}", highlight=False)
     reports = check_dataset(folder, spec.classes, spec.task, splits=splits, progress=True)
     rendered = render_reports(reports)
     for item in rendered if isinstance(rendered, (list, tuple)) else [rendered]:

@@ -147,6 +147,10 @@ class Run:
 
     def prepare_data(self) -> None:
         self.folder = self.dist.main_first(ensure_available, self.spec, self.cfg.data_root)
+        if self.spec.missing_tests and self.writes:
+            from samfit.data.registry import missing_tests_note
+
+            console.print(f"[yellow]{missing_tests_note(self.spec)}")
         train_pairs, val_pairs, self.selection = selection_pairs(self.spec, self.folder)
         self.train_set = self.make_set(train_pairs, self.cfg.limit_train)
         self.val_set = self.make_set(val_pairs, self.cfg.limit_eval)
@@ -321,7 +325,7 @@ class Run:
             "eval_resolution": cfg.eval_resolution, "task": spec.task, "sam_checkpoint": checkpoint,
             "headline": {"metric": spec.headline, "lower_is_better": spec.lower_is_better,
                          "value": results[spec.eval_splits[0]][spec.headline], "split": spec.eval_splits[0]},
-            "scores": results,
+            "scores": results, "missing_test_sets": list(spec.missing_tests),
             "selection": {**self.selection, "best_epoch": state.best_epoch, "value": state.best},
             "params": {**self.counts, "sam_total": sam_total,
                        "percent_of_sam": 100 * self.counts["trainable"] / sam_total},
