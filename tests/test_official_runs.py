@@ -69,3 +69,22 @@ def test_corrupt_image_is_named_without_traceback(tmp_path):
                 tmp_path / "data")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "0001.png" in proc.stderr and "--skip-bad" in proc.stderr
+
+
+def test_conv_lora_polyp_zip_scores_the_test_sets_it_has(tmp_path):
+    from test_prepare import build_csv_zip_tree, zip_folder
+
+    build_csv_zip_tree(tmp_path / "src")
+    archive = zip_folder(tmp_path / "src" / "polyp", tmp_path / "polyp.zip")
+    prepare_dataset("polyp", archive, tmp_path / "data", progress=False)
+    proc = _run(["--method", "decoder-only", "--dataset", "polyp", "--model", "tiny", "--epochs", "1",
+                 "--image-size", "64", "--batch-size", "1", "--effective-batch", "1", "--out", str(tmp_path / "runs")],
+                tmp_path / "data")
+    assert proc.returncode == 0, proc.stderr
+    assert "lacks cvc-colondb, etis, cvc-300" in proc.stderr
+    (metrics_file,) = (tmp_path / "runs").rglob("metrics.json")
+    m = json.loads(metrics_file.read_text())
+    assert list(m["scores"]) == ["kvasir", "cvc-clinicdb"] and m["missing_test_sets"] == ["cvc-colondb", "etis",
+                                                                                       "cvc-300"]
+    assert m["selection"]["split"] == "val" and m["headline"]["split"] == "kvasir"
+    assert {"weighted_f_beta2_0.3", "ber", "ber_per_image"} <= set(m["scores"]["kvasir"])
