@@ -79,7 +79,21 @@ def evaluate(
     console.print(f"[green]wrote[/] {path}: {headline_line(path)}", highlight=False)
 
 
+def export(
+    run: Path = typer.Argument(..., help="A finished run folder."),
+    out: Path = typer.Option(..., "--out", help="The file to write (.pth for sam, .safetensors for adapter)."),
+    fmt: str = typer.Option("sam", "--format", help="sam: a plain SAM checkpoint, the method merged (mergeable "
+                                                    "methods) | adapter: the trained parameters only (safetensors)."),
+):
+    """Export a run: a checkpoint segment_anything loads as official SAM weights, or the trained parameters."""
+    from samfit.use.export import export_run
+
+    path = export_run(run, out, fmt)
+    console.print(f"[green]wrote[/] {path} ({path.stat().st_size / 2**20:.1f} MB)", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add the commands to samfit's command line."""
     app.command()(predict)
     app.command()(evaluate)
+    app.command()(export)

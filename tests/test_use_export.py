@@ -1,0 +1,109 @@
+"""`samfit export`: a LoRA run on ViT-B (from a randomly initialised checkpoint written in the official key layout,
+trained one step at 64 px) exported as a plain SAM checkpoint that segment_anything loads strictly, its encoder at
+1024 px load_run(run, image_size=1024)'s merged, SamPredictor working with a box; the adapter format; refusals."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from segment_anything import SamPredictor, sam_model_registry
+
+import samfit
+from samfit.config import make_config
+from samfit.engine.train import run
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def vit_b_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    sam = sam_model_registry["vit_b"]()
+    state = sam.state_dict()
+    with torch.no_grad():  # SAM starts its position tables at zero: make the 1024 px originals recognisable
+        for key, value in state.items():
+            if key == "image_encoder.pos_embed" or ".rel_pos_" in key:
+                value.normal_(0, 0.02)
+    checkpoint = tmp / "sam_vit_b_random.pth"
+    torch.save(state, checkpoint)
+    del sam
+    folder = run(make_config(method="lora", dataset="shapes", model="vit_b", checkpoint=str(checkpoint),
+                             image_size=64, epochs=1, limit_train=2, limit_eval=1, batch_size=2, effective_batch=2,
+                             lr=1e-2, device="cpu", out=str(tmp / "runs"), data_root=str(tmp / "data")), quiet=True)
+    return folder, checkpoint, state
+
+
+@pytest.mark.slow  # ViT-B: a training step, an export, three ViT-B builds
+def test_exported_lora_run_is_a_strict_sam_checkpoint(vit_b_run, tmp_path, cli):
+    folder, checkpoint, source = vit_b_run
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["sam_checkpoint"]["path"] == str(checkpoint.resolve())
+    out = tmp_path / "exported.pth"
+    code, _, message = cli("export", folder, "--format", "sam", "--out", out)
+    assert code == 0, message
+    exported = torch.load(out, weights_only=True)
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in source.items()}
+    sam = sam_model_registry["vit_b"](checkpoint=str(out)).eval()  # strict load
+    for key in ["image_encoder.pos_embed", "image_encoder.blocks.2.attn.rel_pos_h", "prompt_encoder.pe_layer."
+                "positional_encoding_gaussian_matrix", "mask_decoder.mask_tokens.weight",
+                "mask_decoder.output_hypernetworks_mlps.1.layers.0.weight", "mask_decoder.iou_prediction_head."
+                "layers.0.weight"]:
+        part = exported[key][1:] if key == "mask_decoder.mask_tokens.weight" else exported[key]
+        assert torch.equal(part, source[key][1:] if key == "mask_decoder.mask_tokens.weight" else source[key]), key
+    best = torch.load(folder / "checkpoints" / "best.pt", weights_only=True)
+    assert torch.equal(exported["mask_decoder.mask_tokens.weight"][0], best["mask_decoder.mask_tokens.weight"][0])
+    for key in ["mask_decoder.output_hypernetworks_mlps.0.layers.0.weight", "mask_decoder.transformer.layers.0."
+                "self_attn.q_proj.weight"]:
+        assert torch.equal(exported[key], best[key]) and not torch.equal(exported[key], source[key]), key
+    qkv = "image_encoder.blocks.0.attn.qkv.weight"
+    assert (exported[qkv] - source[qkv]).abs().max() > 1e-4  # the trained update is merged in
+    # The encoder at 1024 px is load_run(run, image_size=1024)'s merged: equal weights (the same merge of the same
+    # tensors; position tables both the source's 1024 px originals), so the same function (the merge itself is
+    # checked function-wise in float64 by tests/test_use_merge.py; a ViT-B forward at 1024 px costs ~15 s here).
+    loaded = samfit.get_method("lora").merge(samfit.load_run(folder, device="cpu", image_size=1024))
+    reference = loaded.image_encoder.state_dict()
+    for key, value in sam.image_encoder.state_dict().items():
+        assert torch.equal(value, reference[key]), key
+    predictor = SamPredictor(sam)  # on a stand-in embedding: the prompt encoder and decoder with a box
+    predictor.reset_image()
+    predictor.features = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(0))
+    predictor.original_size, predictor.input_size, predictor.is_image_set = (1024, 1024), (1024, 1024), True
+    masks, scores, _ = predictor.predict(box=np.array([100, 200, 600, 700]), multimask_output=False)
+    assert masks.shape == (1, 1024, 1024) and np.isfinite(scores).all()
+
+
+@pytest.mark.slow
+def test_adapter_format_and_refusals(vit_b_run, tmp_path, cli):
+    from safetensors import safe_open
+
+    folder, checkpoint, _ = vit_b_run
+    out = tmp_path / "adapter.safetensors"
+    code, _, message = cli("export", folder, "--format", "adapter", "--out", out)
+    assert code == 0, message
+    best = torch.load(folder / "checkpoints" / "best.pt", weights_only=True)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(best) and all(torch.equal(f.get_tensor(k), best[k]) for k in best)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert meta["method"] == "lora" and json.loads(meta["method_args"]) == {}
+    assert meta["sam_checkpoint_md5"] == metrics["sam_checkpoint"]["md5"] and len(meta["sam_checkpoint_md5"]) == 32
+    assert out.stat().st_size < 20 * 2**20  # the trained parameters only, not SAM's 90M
+    code, _, message = cli("export", folder, "--format", "sam", "--out", checkpoint)
+    assert code == 2 and "is the SAM checkpoint" in message
+    copy = tmp_path / "conv"
+    shutil.copytree(folder, copy)
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    (copy / "config.yaml").write_text(yaml.safe_dump({**config, "method": "conv-lora"}))
+    code, _, message = cli("export", copy, "--format", "sam", "--out", tmp_path / "x.pth")
+    assert code == 2 and "cannot be merged" in message and "--format adapter" in message
+    assert not (tmp_path / "x.pth").exists()
+    moved = tmp_path / "moved.pth"
+    shutil.move(checkpoint, moved)
+    try:
+        code, _, message = cli("export", folder, "--format", "sam", "--out", tmp_path / "y.pth")
+        assert code == 2 and "not there any more" in message and "samfit weights download vit_b" in message
+    finally:
+        shutil.move(moved, checkpoint)
