@@ -214,3 +214,26 @@ def test_original_kvasir_seg_zip_gets_samfits_recorded_split(tmp_path):
     # the same zip given as polyp is refused with the way to prepare it
     with pytest.raises(SamfitError, match="samfit data prepare kvasir-seg"):
         prepare_dataset("polyp", archive, tmp_path / "data2", progress=False)
+
+
+def split_into_parts(archive: Path, folder: Path, count: int = 3) -> list[Path]:
+    data = archive.read_bytes()
+    size = -(-len(data) // count)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i in range(count):
+        parts.append(folder / f"{archive.name}.{i + 1:03d}")
+        parts[-1].write_bytes(data[i * size:(i + 1) * size])
+    return parts
+
+
+def test_archive_split_into_parts_deeply_nested(tmp_path):
+    expect = build_sbu(tmp_path / "src" / "a" / "b" / "c" / "d" / "e" / "f" / "g")  # the top folder 9 deep
+    parts = split_into_parts(zip_folder(tmp_path / "src", tmp_path / "SBU-shadow.zip"), tmp_path / "downloads")
+    out = prepare_dataset("sbu", tmp_path / "downloads", tmp_path / "data", progress=False)  # a folder of parts
+    expect.verify(out)
+    out = prepare_dataset("sbu", list(reversed(parts)), tmp_path / "data", progress=False)  # the parts, any order
+    expect.verify(out)
+    parts[1].unlink()
+    with pytest.raises(SamfitError, match=r"part .*SBU-shadow.zip.002 is missing"):
+        prepare_dataset("sbu", [parts[0], parts[2]], tmp_path / "data", progress=False)

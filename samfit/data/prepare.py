@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from samfit.data.layouts import LAYOUTS, DirIndex, Layout, Pair, Splits, find_csv_splits, open_image
+from samfit.data.parts import join_parts
 from samfit.errors import SamfitError, unknown_name
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -84,14 +85,18 @@ def _is_archive(path: Path) -> bool:
 
 
 def _find_splits(layout: Layout, sources: list[Path], tmp: Path, out: Path, names: dict[Path, str]) -> Splits:
+    joined: dict[Path, Path] = {}  # an archive rebuilt from its parts -> the name the user knows it by
+    shown = ", ".join(str(s) for s in sources)
+    sources = join_parts(sources, tmp, joined)
     folders = [s for s in sources if s.is_dir()]
     archives = [s for s in sources if _is_archive(s)]
     others = [s for s in sources if s not in folders and s not in archives]
     if others:
         raise SamfitError(f"Source {others[0]} is neither a folder nor a .zip/.tar/.tar.gz archive. Pass the "
                           f"downloaded archive or the folder it unpacks to (unpack other archive types first).")
-    roots = folders + [_unpack(a, tmp, names) for a in archives]
-    inner = [a for f in folders for a in sorted(f.iterdir()) if _is_archive(a)]  # a folder of downloads
+    roots = folders + [_unpack(a, tmp, names, joined) for a in archives]
+    inner = [a for f in folders for a in join_parts(sorted(f.iterdir()), tmp, joined)
+             if _is_archive(a)]  # a folder of downloads
     try:
         splits = _detect(layout, roots, out)
     except SamfitError:
@@ -99,10 +104,9 @@ def _find_splits(layout: Layout, sources: list[Path], tmp: Path, out: Path, name
             raise
         splits = None  # perhaps completed by the archives beside the unpacked part
     if splits is None and inner:
-        roots = roots + [_unpack(a, tmp, names) for a in inner]
+        roots = roots + [_unpack(a, tmp, names, joined) for a in inner]
         splits = _detect(layout, roots, out)
     if splits is None:
-        shown = ", ".join(str(s) for s in sources)
         index = DirIndex(roots, exclude=(out,))
         raise SamfitError(f"{shown}: not a '{layout.name}' download in a known layout: looked in "
                           f"{index.where()} (at any depth) for the folders below, and "
@@ -146,23 +150,24 @@ class _RecordedSplits(dict):
         self.record = record
 
 
-def _unpack(archive: Path, tmp: Path, names: dict[Path, str]) -> Path:
+def _unpack(archive: Path, tmp: Path, names: dict[Path, str], joined: dict[Path, Path] | None = None) -> Path:
     target = tmp / f"{len(names)}-{archive.name}"
     target.mkdir()
-    names[target] = str(archive)
+    archive_name = str((joined or {}).get(archive, archive))
+    names[target] = archive_name
     try:
         if archive.name.lower().endswith(".zip"):
             with zipfile.ZipFile(archive) as z:
                 for member in z.namelist():
                     if not _inside_lexically(member):
-                        raise SamfitError(f"Archive {archive} holds a file outside its folder ('{member}'); "
+                        raise SamfitError(f"Archive {archive_name} holds a file outside its folder ('{member}'); "
                                           f"refusing to unpack it.")
                 z.extractall(target)
         else:
             with tarfile.open(archive) as t:
                 t.extractall(target, filter="data")
     except (zipfile.BadZipFile, tarfile.TarError, EOFError) as e:
-        raise SamfitError(f"Cannot unpack {archive}: {e}. The archive is damaged or incomplete; download it "
+        raise SamfitError(f"Cannot unpack {archive_name}: {e}. The archive is damaged or incomplete; download it "
                           f"again.") from None
     return target
 
