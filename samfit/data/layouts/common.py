@@ -181,8 +181,10 @@ def find_test_sets(dataset: str, tree: str, folder: Path, sets: dict[str, str], 
             continue
         splits[split] = pair_folder(child(set_dir, *images), child(set_dir, *masks), **kw)
     if missing:
+        found = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _ignored(e.name))
         raise layout_error(dataset, tree, f"{folder} lacks the test set folder(s) {', '.join(missing)} (each "
-                                          f"with {images[0]}/ and {masks[0]}/ inside).")
+                                          f"with {images[0]}/ and {masks[0]}/ inside); it holds "
+                                          f"{', '.join(found) or 'no folders'}.")
     return splits
 
 
@@ -198,7 +200,9 @@ def find_train_and_test_sets(index: DirIndex, dataset: str, tree: str, train_nam
         return None
     if train is None or test is None:
         missing = train_names[0] if train is None else "TestDataset"
-        raise layout_error(dataset, tree, f"Found {train or test} but no {missing} folder beside it.")
+        raise layout_error(dataset, tree, f"Found {train or test} but no {missing} folder (with its "
+                                          f"{'test set folders' if train else f'{images[0]}/ and {masks[0]}/'}) "
+                                          f"in {index.where()}; {index.nearest(missing)}.")
     splits = {"train": pair_folder(child(train, *images), child(train, *masks))}
     splits.update(find_test_sets(dataset, tree, test, sets, images, masks))
     return splits
