@@ -55,3 +55,9 @@ def test_runs_without_the_official_column_fall_back_and_say_so(runs):
     grid, notes = add_paper(comparison_grid(summary), summary, load_reference(), runs=frame)
     assert grid.set_index("method").loc["lora", "sbu ber Δ"] == f"{3.5 - 2.74:+.2f}"
     assert any("sbu ber" in n and "no ber_per_image column" in n for n in notes)
+
+
+def test_table_command_compares_with_the_official_columns(runs, cli):
+    code, stdout, error = cli("table", runs, "--format", "csv", "--paper")
+    assert code == 0, error
+    assert "sbu ber Δ vs ber_per_image" in stdout and "trans10k-v2 miou Δ vs miou_trans2seg" in stdout
