@@ -126,12 +126,18 @@ class RunConfig:
                                    lr=self.lr if self.lr is not None else spec.lr, loss=self.loss or spec.loss)
 
     def run_name(self) -> str:
-        blocks = self.method_args.get("blocks", "all")  # a placement other than every block: method@placement
-        method = self.method if blocks == "all" else f"{self.method}@{blocks}"
+        method = method_label(self.method, self.method_args)
         return self.name or f"{Path(self.dataset).stem}_{method}_{self.model}_{self.image_size}_s{self.seed}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def method_label(method: str, method_args: dict) -> str:
+    """The method as run names and tables show it: with its placement when that is not every block
+    (`lora@last:3`)."""
+    blocks = (method_args or {}).get("blocks", "all")
+    return method if blocks == "all" else f"{method}@{blocks}"
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

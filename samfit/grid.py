@@ -22,8 +22,11 @@ fields still unset: image_size, epochs, lr, loss) < `defaults` < `overrides` (in
 override on a later axis wins over one on an earlier axis) < the axis values < `samfit grid --set KEY=VALUE`.
 Values replace, they never merge (a `method_args` override replaces the whole dict).
 
-Every run gets a stable folder name: RunConfig.run_name() (`dataset_method_model_size_sSEED`) plus
-`_KEY-VALUE` for each axis outside those five.
+An axis may also run over one method argument, `method_args.KEY: [...]` (e.g. `method_args.blocks: [all,
+"last:3"]` for placement); its value joins the run's other method arguments.
+
+Every run gets a stable folder name: RunConfig.run_name() (`dataset_method[@placement]_model_size_sSEED`) plus
+`_KEY-VALUE` for each other axis.
 """
 from __future__ import annotations
 
@@ -41,7 +44,8 @@ from samfit.engine import rundir
 from samfit.errors import SamfitError, closest
 
 TOP_KEYS = ("name", "description", "out", "defaults", "axes", "overrides", "exclude")
-NAMED_AXES = ("dataset", "method", "model", "image_size", "seed")  # already in RunConfig.run_name()
+NAMED_AXES = ("dataset", "method", "model", "image_size", "seed", "method_args.blocks")  # in RunConfig.run_name()
+METHOD_ARG = "method_args."  # an axis over one method argument, e.g. `method_args.blocks: [all, "last:3"]`
 RESERVED = ("name", "out")  # set by the grid itself
 IGNORED_IN_COMPARISON = ("out",)  # a run folder is identified by where it is, not by the path used to reach it
 
@@ -111,7 +115,8 @@ def load_grid(path: str | Path, out: str | None = None, overrides: dict | None =
         raise SamfitError(f"{path} is not valid YAML: {exc}") from None
     _check_keys(str(path), data, TOP_KEYS, "top-level key")
     axes = data.get("axes") or {}
-    _check_keys(f"{path}: axes", axes, FIELDS, "axis")
+    _check_keys(f"{path}: axes", {k: v for k, v in axes.items() if not str(k).startswith(METHOD_ARG)}, FIELDS,
+                "axis")
     if not axes:
         raise SamfitError(f"{path}: `axes` is empty; list at least one axis, e.g. `method: [lora, conv-lora]`.")
     for key, values in axes.items():
@@ -124,7 +129,8 @@ def load_grid(path: str | Path, out: str | None = None, overrides: dict | None =
                               f"structured settings under `overrides`.")
         if len(set(map(str, values))) != len(values):
             raise SamfitError(f"{path}: axis '{key}' lists a value twice: {values}.")
-        axes[key] = [coerce(key, v, f"{path}: axis ") for v in values]
+        if not key.startswith(METHOD_ARG):  # a method argument's values are checked by the method's Config
+            axes[key] = [coerce(key, v, f"{path}: axis ") for v in values]
     defaults = _check_settings(f"{path}: defaults", data.get("defaults"), axes)
     per_axis = data.get("overrides") or {}
     _check_keys(f"{path}: overrides", per_axis, list(axes), "axis")
@@ -155,7 +161,11 @@ def load_grid(path: str | Path, out: str | None = None, overrides: dict | None =
         settings = dict(defaults)
         for key in axes:
             settings.update(by_value[key].get(str(point[key]), {}))
-        settings.update(point)
+        for key, value in point.items():
+            if key.startswith(METHOD_ARG):
+                settings["method_args"] = {**settings.get("method_args", {}), key[len(METHOD_ARG):]: value}
+            else:
+                settings[key] = value
         settings.update(cli)
         where = ", ".join(f"{k}={v}" for k, v in point.items())
         try:
@@ -165,7 +175,7 @@ def load_grid(path: str | Path, out: str | None = None, overrides: dict | None =
             cfg = cfg.resolved(spec)
         except SamfitError as exc:
             raise SamfitError(f"{path}: run ({where}): {exc}") from None
-        suffix = "".join(f"_{k}-{point[k]}" for k in axes if k not in NAMED_AXES)
+        suffix = "".join(f"_{k.removeprefix(METHOD_ARG)}-{point[k]}" for k in axes if k not in NAMED_AXES)
         name = cfg.run_name() + suffix
         if name in names:
             raise SamfitError(f"{path}: runs ({names[name]}) and ({where}) would both write {name}. Make them "

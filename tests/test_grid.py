@@ -275,3 +275,21 @@ def test_a_finished_run_from_before_a_new_setting_still_counts_as_done(tmp_path)
     (folder / "config.yaml").write_text(yaml.safe_dump({**saved, "epochs": 5}))
     run = inspect(cfg)
     assert run.state == "changed" and run.detail == "settings differ: epochs 5 -> 1"
+
+
+def test_an_axis_over_a_method_argument_places_the_method(tmp_path):
+    """`method_args.blocks` as an axis: the value joins the run's method arguments, the name shows it, and the
+    table keeps the placements apart (method@placement)."""
+    from samfit.config import method_label
+
+    grid = tmp_path / "place.yaml"
+    grid.write_text("defaults: {model: tiny, image_size: 64, method_args: {rank: 2}}\n"
+                    "axes:\n  method: [lora]\n  method_args.blocks: [all, 'last:2']\n")
+    g = load_grid(grid, out=str(tmp_path / "out"))
+    assert [(r.name, r.method_args) for r in g.runs] == [
+        ("shapes_lora_tiny_64_s0", {"rank": 2, "blocks": "all"}),
+        ("shapes_lora@last:2_tiny_64_s0", {"rank": 2, "blocks": "last:2"})]
+    assert method_label("lora", {"blocks": "last:2"}) == "lora@last:2" and method_label("lora", {}) == "lora"
+    grid.write_text("axes:\n  method: [lora]\n  method_args.blocks: ['last:x']\n")
+    with pytest.raises(SamfitError, match="last:x"):
+        load_grid(grid, out=str(tmp_path / "out"))

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from samfit.config import method_label
 from samfit.errors import SamfitError
 
 
@@ -21,7 +22,8 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
         except (json.JSONDecodeError, OSError) as exc:
             raise SamfitError(f"Unreadable results file {path}: {exc}. Delete it or re-run that run.") from None
         for split, scores in m["scores"].items():
-            row = {"run": str(path.parent.relative_to(root)) or ".", "method": m["method"], "dataset": m["dataset"],
+            row = {"run": str(path.parent.relative_to(root)) or ".", "method": method_label(m["method"], m.get("method_args")),
+                   "dataset": m["dataset"],
                    "test_set": split, "model": m["model"], "image_size": m["image_size"], "seed": m["seed"],
                    "headline": m["headline"]["metric"], "lower_is_better": m["headline"]["lower_is_better"],
                    "trainable": m["params"]["trainable"], "encoder_trainable": m["params"]["encoder_trainable"],

@@ -25,7 +25,7 @@ def summarise(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
         step_time_s=("step_time_s", "median"), peak_memory_mb=("peak_memory_mb", "median")).reset_index()
     grouped["std"] = grouped["std"].fillna(0.0)
     rank = {m: i for i, m in enumerate(ORDER)}
-    grouped["order"] = grouped["method"].map(lambda m: rank.get(m, len(rank)))
+    grouped["order"] = grouped["method"].map(lambda m: rank.get(m.partition("@")[0], len(rank)))  # lora@last:3 by lora
     return grouped.sort_values(["order", "method"]).drop(columns="order")
 
 
