@@ -66,7 +66,10 @@ def test_predict_then_score_gives_the_runs_numbers(trained, tmp_path, cli):
 @whole_run
 def test_load_run_eval_mode_and_another_size(trained):
     folder, _ = trained
+    torch.manual_seed(123)
+    stream = torch.get_rng_state()
     model = samfit.load_run(folder, device="cpu")
+    assert torch.equal(torch.get_rng_state(), stream)  # it reseeds to rebuild, then gives the caller's stream back
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     best = torch.load(folder / "checkpoints" / "best.pt", weights_only=True)
     state = model.state_dict()

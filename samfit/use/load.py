@@ -144,11 +144,20 @@ def _resize_trained(best: dict, model: torch.nn.Module, image_size: int, global_
 def load_run(run_dir: str | Path, device: str | torch.device = "auto", image_size: int | None = None):
     """The trained Segmenter of a finished run, in eval mode on `device` ("auto": CUDA when present), at the run's
     input size or at `image_size` (a multiple of 16; positions interpolated)."""
+    from samfit.engine.sampling import rng_state, set_rng_state
+
+    saved = rng_state()  # rebuilding reseeds the global generators; the caller's streams are given back
+    try:
+        return _load(read_run(run_dir), device, image_size)
+    finally:
+        set_rng_state(saved)
+
+
+def _load(record: RunRecord, device, image_size):
     from samfit.engine.sampling import seed_everything
     from samfit.engine.step import pick_device
     from samfit.engine.train import build_model_for
 
-    record = read_run(run_dir)
     cfg = dataclasses.replace(record.config, grad_checkpoint=False)
     if not isinstance(device, torch.device) and device not in DEVICES:
         raise SamfitError(f"--device {device!r}: choose one of {', '.join(DEVICES)}.")
