@@ -156,7 +156,7 @@ def test_batched_dispatch_equals_per_sample_reference_noisy_top2():
         torch.manual_seed(7)
         y, indices, weights = _routed(layer, x)
         assert indices.shape == (24, 2) and (indices[:, 0] != indices[:, 1]).all()
-        assert torch.allclose(weights.sum(1), torch.ones(24))
+        assert torch.allclose(weights.sum(1), torch.ones(24, dtype=weights.dtype))
         ref = _reference(layer, x, indices, weights)
     _assert_same(y, ref)
 

@@ -31,10 +31,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-import samfit
 from samfit.config import RunConfig
 from samfit.engine.profile import Timer, peak_memory_kind, peak_memory_mb, reset_peak_memory, synchronize
 from samfit.errors import SamfitError
+from samfit.params import count_parameters
 
 MEMORY_STEPS = 2
 
@@ -138,7 +138,7 @@ class Bench:
         return {"method": s.method, "step_time_s": self.train_timer.median,
                 "train_img_per_s": self.train_timer.images_per_s, "eval_img_per_s": self.eval_timer.images_per_s,
                 "eval_batch_time_s": self.eval_timer.median, "peak_memory_mb": peak_mb,
-                "trainable_params": samfit.count_parameters(self.model)["trainable"], "attention": s.attention,
+                "trainable_params": count_parameters(self.model)["trainable"], "attention": s.attention,
                 "precision": s.precision, "grad_checkpoint": s.grad_checkpoint, "device": shape.device,
                 "model": shape.model, "image_size": shape.image_size, "batch": shape.batch,
                 "effective_batch": shape.effective_batch or shape.batch, "num_classes": shape.num_classes,

@@ -10,7 +10,9 @@ Exactness: the engine draws each image's flip from the seeded (seed, epoch, batc
 (`sampling.flip_choices`), so a cached batch holds exactly the embeddings the encoder would have produced for the
 flipped or unflipped image. The encoder is run on batches of the training micro-batch size (the last batch
 padded to that size) and, for validation, in the evaluation's own batches, because a CPU GEMM's rounding can
-depend on the number of rows; the scores of a cached run are then those of the uncached run (tested).
+depend on the number of rows. With one image per batch the scores of a cached run are those of the uncached
+run bitwise on any CPU (tested); with more, an image's embedding can still depend on its row in the batch on
+some CPUs (MKL's AVX2 kernels: up to ~4e-6 at 64 px), so the two runs agree up to that rounding.
 
 Bounded: the embeddings (256 × S/16 × S/16 per image and view, fp32 upper bound) plus the targets (uint8)
 must fit under `cache_max_mb`; otherwise `cache_embeddings=auto` trains uncached and says why, and `on`

@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-import samfit
 from samfit.config import RunConfig
 from samfit.data import SegmentationFolder, ensure_available, resolve_dataset, selection_pairs, split_pairs
 from samfit.engine import distributed, rundir
@@ -36,8 +35,10 @@ from samfit.engine.step import (NonFiniteLoss, TrainStep, autocast_for, make_opt
 from samfit.errors import SamfitError
 from samfit.methods import get_method
 from samfit.model.attention import set_attention
+from samfit.model import build_model
 from samfit.model.checkpointing import set_grad_checkpoint
 from samfit.model.sam import get_variant, resolve_checkpoint, sam_total_parameters
+from samfit.params import count_parameters
 
 console = Console(stderr=True)
 
@@ -52,7 +53,7 @@ class Interrupted(SamfitError):
 def build_model_for(cfg: RunConfig, num_classes: int, device: torch.device, checkpoint=None):
     """The Segmenter a run trains: SAM (from `checkpoint`, else random), the method applied, the attention
     kind and activation checkpointing set, on the device."""
-    model = samfit.build_model(cfg.model, num_classes=num_classes, image_size=cfg.image_size, checkpoint=checkpoint)
+    model = build_model(cfg.model, num_classes=num_classes, image_size=cfg.image_size, checkpoint=checkpoint)
     get_method(cfg.method, **cfg.method_args).apply(model)
     set_grad_checkpoint(set_attention(model, cfg.attention), cfg.grad_checkpoint)
     return model.to(device)
@@ -159,7 +160,7 @@ class Run:
         cfg, dist = self.cfg, self.dist
         checkpoint = resolve_checkpoint(cfg.model, cfg.checkpoint) if get_variant(cfg.model).has_weights else None
         self.model = build_model_for(cfg, self.spec.num_classes, self.device, checkpoint)
-        self.counts = samfit.count_parameters(self.model)
+        self.counts = count_parameters(self.model)
         dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
         self.accum = cfg.effective_batch // cfg.batch_size
         self.batches_per_epoch = len(self.train_set) // cfg.batch_size
@@ -352,7 +353,7 @@ def trainable_state(model) -> dict:
 def versions() -> dict:
     from importlib.metadata import version
 
-    return {"samfit": samfit.__version__, "torch": torch.__version__,
+    return {"samfit": version("samfit"), "torch": torch.__version__,
             "segment_anything": version("segment-anything"), "python": platform.python_version()}
 
 

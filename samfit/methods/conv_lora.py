@@ -32,7 +32,7 @@ from samfit.methods.lora import add_low_rank_factors
 
 def cv_squared(x: torch.Tensor) -> torch.Tensor:
     """Squared coefficient of variation var/mean² (unbiased variance, as the reference); 0 for one value."""
-    x = x.float()
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # 16-bit up to float32; float64 kept
     if x.numel() < 2:
         return x.new_zeros(())
     return x.var() / (x.mean() ** 2 + 1e-10)
@@ -55,15 +55,16 @@ class NoisyTopKRouter(nn.Module):
 
     def forward(self, pooled: torch.Tensor):
         """pooled (N, r) -> top-k expert indices (N, k), their gate weights (N, k), balancing loss ().
-        Routing runs in float32 even under autocast (top-k ties and the normal CDF need the precision)."""
+        Routing runs in float32 (or float64 for a float64 model) even under autocast (top-k ties and the normal
+        CDF need the precision)."""
         with torch.autocast(pooled.device.type, enabled=False):
-            return self._route(pooled.float())
+            return self._route(pooled.to(torch.promote_types(pooled.dtype, torch.float32)))
 
     def _route(self, pooled: torch.Tensor):
-        clean = pooled @ self.w_gate.float()
+        clean = pooled @ self.w_gate.to(pooled.dtype)
         noisy = self.w_noise is not None and self.training
         if noisy:
-            stddev = F.softplus(pooled @ self.w_noise.float()) + self.noise_epsilon
+            stddev = F.softplus(pooled @ self.w_noise.to(pooled.dtype)) + self.noise_epsilon
             logits = clean + torch.randn_like(clean) * stddev
         else:
             logits = clean

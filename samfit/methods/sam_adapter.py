@@ -35,12 +35,14 @@ from samfit.methods.base import Method, register_method, require_float, require_
 
 
 def high_frequency_component(images: torch.Tensor, mask_ratio: float) -> torch.Tensor:
-    """|IFFT(FFT(x) with the centred low-frequency square zeroed)| per channel, in float32."""
+    """|IFFT(FFT(x) with the centred low-frequency square zeroed)| per channel, in float32 (float64 for float64
+    images)."""
     h, w = images.shape[-2:]
     line = int(math.sqrt(h * w * mask_ratio) // 2)
     keep = torch.ones(h, w, device=images.device)
     keep[h // 2 - line:h // 2 + line, w // 2 - line:w // 2 + line] = 0
-    spectrum = torch.fft.fftshift(torch.fft.fft2(images.float(), norm="forward"), dim=(-2, -1))
+    images = images.to(torch.promote_types(images.dtype, torch.float32))  # 16-bit up to float32; float64 kept
+    spectrum = torch.fft.fftshift(torch.fft.fft2(images, norm="forward"), dim=(-2, -1))
     spectrum = torch.fft.ifftshift(spectrum * keep, dim=(-2, -1))
     return torch.fft.ifft2(spectrum, norm="forward").real.abs()
 

@@ -91,14 +91,14 @@ def sam_state(run_dir, out: Path | None = None) -> tuple[dict, str]:
 def adapter_tensors(run_dir) -> tuple[dict, dict]:
     """(trained tensors, metadata of strings) for the adapter format."""
     import dataclasses
+    from importlib.metadata import version
 
-    import samfit
     from samfit.use.load import read_run
 
     record = read_run(run_dir)
     cfg = record.config
     checkpoint = record.metrics.get("sam_checkpoint") or {}
-    meta = {"format": "samfit-adapter", "samfit": samfit.__version__, "method": cfg.method,
+    meta = {"format": "samfit-adapter", "samfit": version("samfit"), "method": cfg.method,
             "method_args": json.dumps(cfg.method_args, sort_keys=True), "model": cfg.model,
             "image_size": str(cfg.image_size), "num_classes": str(record.num_classes),
             "sam_checkpoint_md5": checkpoint.get("md5", ""),
@@ -109,7 +109,7 @@ def adapter_tensors(run_dir) -> tuple[dict, dict]:
 def export_run(run_dir, out: str | Path, fmt: str = "sam") -> Path:
     """Write the run in `fmt` to `out` atomically; returns the path."""
     from samfit.engine.rundir import save_torch
-    from samfit.use.images import write_bytes
+    from samfit.engine.rundir import write_bytes
 
     if fmt not in FORMATS:
         raise SamfitError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")

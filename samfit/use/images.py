@@ -70,10 +70,3 @@ def check_output_folder(out: Path, roots: list[Path], images: list[Path]) -> Pat
     if target.exists() and not target.is_dir():
         raise SamfitError(f"--out {out} is a file, not a folder. Choose a folder (it is created if needed).")
     return target
-
-
-def write_bytes(path: Path, data: bytes) -> None:
-    """Atomically, as every file samfit writes (through a temporary file in the same folder, then renamed)."""
-    from samfit.engine.rundir import _atomic
-
-    _atomic(path, lambda f: f.write(data))

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from samfit.data.folder import PIXEL_MEAN, PIXEL_STD
 from samfit.errors import SamfitError
-from samfit.use.images import write_bytes
+from samfit.engine.rundir import write_bytes
 
 # class 0 (background) black, then distinct colours (RGB), repeated for more classes
 COLOURS = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
