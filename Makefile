@@ -11,11 +11,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# Two test workers with one thread each (also in the samfit processes the tests start): no oversubscription.
 test: install
-	$(PY) -m pytest -q -n 2 --durations=15 tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --durations=15 tests
 
 test-fast: install
-	$(PY) -m pytest -q -n 2 -m "not slow" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 -m "not slow" tests
 
 smoke: install
 	$(SAMFIT) run --method lora --dataset shapes --model tiny --device cpu --out results/smoke

@@ -5,7 +5,8 @@ import torch
 
 # Tests never touch the user's caches.
 os.environ.setdefault("SAMFIT_CHECKPOINTS", "/nonexistent-samfit-checkpoints")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist every worker takes one thread: two workers on two cores, no oversubscription.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture
