@@ -1,4 +1,5 @@
 """The segmenter against segment_anything's own Sam, checkpoint loading, resizing and checkpoint errors."""
+import math
 from functools import partial
 
 import pytest
@@ -148,3 +149,21 @@ def test_segmenter_fuzz_shapes_no_nan():
             assert torch.isfinite(loss)
 
     check()
+
+
+def test_dense_positional_encoding_is_sams_and_follows_the_model_dtype():
+    """The segmenter's dense position encoding is SAM's get_dense_pe() bitwise in float32, and a float64 model
+    gets it in float64 (SAM's own builds a float32 grid and fails there)."""
+    from samfit.model.segmenter import dense_positional_encoding
+
+    model = samfit.build_model("tiny", image_size=64)
+    pe = dense_positional_encoding(model.prompt_encoder)
+    assert torch.equal(pe, model.prompt_encoder.get_dense_pe())
+    model.double()
+    pe64 = dense_positional_encoding(model.prompt_encoder)
+    assert pe64.dtype == torch.float64
+    # float32 rounds sin/cos's argument 2π·(coords @ G): the error is a few eps32 of its largest magnitude
+    largest_argument = 2 * math.pi * model.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.abs().sum(0).max()
+    atol = 16 * torch.finfo(torch.float32).eps * largest_argument.item()
+    torch.testing.assert_close(pe64, pe.double(), rtol=0, atol=atol)
+    assert model(torch.randn(1, 3, 64, 64, dtype=torch.float64))["logits"].dtype == torch.float64

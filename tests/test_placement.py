@@ -116,8 +116,6 @@ def tiny_sam(seed=0):
 
 
 def float64(model):
-    pe = model.prompt_encoder.get_dense_pe().double()
-    model.prompt_encoder.get_dense_pe = lambda: pe
     return model.double().eval()
 
 

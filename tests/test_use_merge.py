@@ -31,9 +31,7 @@ def tiny_sam(seed=0):
 
 
 def float64(model):
-    """model.double(), its dense position encoding fixed beforehand (SAM computes it on a float32 grid)."""
-    pe = model.prompt_encoder.get_dense_pe().double()
-    model.prompt_encoder.get_dense_pe = lambda: pe
+    """model.double() (the segmenter computes SAM's dense position encoding in the model's dtype)."""
     return model.double()
 
 

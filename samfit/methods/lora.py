@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from samfit.methods.base import Method, register_method, require_blocks, require_float, require_int
+from samfit.methods.base import (Method, register_method, replace_modules, require_blocks, require_float,
+                                 require_int)
 
 
 def add_low_rank_factors(module: nn.Module, base: nn.Linear, rank: int, alpha: float) -> None:
@@ -74,8 +75,4 @@ class LoRA(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Replace every LoRALinear by the plain Linear W + (alpha/r)·B A (in place); returns the model."""
-        for name, module in list(model.named_modules()):
-            if isinstance(module, LoRALinear):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, module.merged())
-        return model
+        return replace_modules(model, LoRALinear, lambda m: m.merged())

@@ -19,6 +19,17 @@ from torch import nn
 from samfit.model.sam import PROMPT_DIM
 
 
+def dense_positional_encoding(prompt_encoder) -> torch.Tensor:
+    """SAM's `prompt_encoder.get_dense_pe()` (1, 256, h, w), computed in the dtype of its Gaussian matrix: SAM's
+    own builds its grid in float32, which fails once the model is float64. In float32 the same operations."""
+    pe = prompt_encoder.pe_layer
+    gaussian = pe.positional_encoding_gaussian_matrix
+    h, w = prompt_encoder.image_embedding_size
+    grid = torch.ones((h, w), device=gaussian.device, dtype=gaussian.dtype)
+    coords = torch.stack([(grid.cumsum(dim=1) - 0.5) / w, (grid.cumsum(dim=0) - 0.5) / h], dim=-1)
+    return pe._pe_encoding(coords).permute(2, 0, 1).unsqueeze(0)
+
+
 def semantic_inference(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
     """Per-class scores (B, C, H, W) = einsum("bqc,bqhw->bchw", softmax(class_logits)[..., :C], σ(mask_logits)),
     the no-object column dropped (MaskFormer, Cheng et al., NeurIPS 2021). Argmax over C gives the class map.
@@ -67,7 +78,7 @@ class Segmenter(nn.Module):
         d = self.mask_decoder
         b, _, h, w = embedding.shape
         dense = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, h, w)
-        pos = self.prompt_encoder.get_dense_pe().expand(b, -1, -1, -1)
+        pos = dense_positional_encoding(self.prompt_encoder).expand(b, -1, -1, -1)
         tokens = torch.cat([d.iou_token.weight, d.mask_tokens.weight], dim=0).unsqueeze(0).expand(b, -1, -1)
         hs, src = d.transformer(embedding + dense, pos, tokens)
         mask_tokens_out = hs[:, 1:1 + self.num_queries, :]
