@@ -54,6 +54,25 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (wbce + wiou).mean()
 
 
+def structure_loss_official(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The structure loss as the official PraNet-derived code runs it (`--loss structure-official`).
+
+    Its `binary_cross_entropy_with_logits(..., reduce='none')` is PyTorch's legacy `reduce` argument: a truthy
+    value means reduction to the mean, so the BCE term is one scalar, the plain mean BCE over every pixel of the
+    batch, and weighting that scalar by w and dividing by Σw leaves it unchanged. The weighted IoU is as written:
+    L = mean BCE(x, y) + mean over the batch of 1 − (Σw·p·y + 1) / (Σw·(p + y) − Σw·p·y + 1),
+    w = 1 + 5·|avgpool_31(y) − y|, p = σ(x), sums per image over pixels.
+    """
+    logits, target = _as_nchw(logits, target)
+    weight = 1 + 5 * torch.abs(F.avg_pool2d(target, kernel_size=31, stride=1, padding=15) - target)
+    bce = F.binary_cross_entropy_with_logits(logits, target)
+    prob = torch.sigmoid(logits)
+    inter = (prob * target * weight).sum(dim=(2, 3))
+    union = ((prob + target) * weight).sum(dim=(2, 3))
+    wiou = 1 - (inter + 1) / (union - inter + 1)
+    return bce + wiou.mean()
+
+
 def balanced_bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Class-balanced BCE (HED, Xie & Tu, ICCV 2015), as used for SBU shadows by EVP (Liu et al., CVPR 2023)
     and Conv-LoRA.
@@ -84,6 +103,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "structure": structure_loss,
+    "structure-official": structure_loss_official,
     "balanced-bce": balanced_bce_loss,
     "bce": bce_loss,
     "dice": dice_loss,
@@ -91,6 +111,14 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 MASK_CLASSIFICATION = "mask-classification"  # the loss of multi-class tasks (`mask_classification_loss`)
+
+# The loss `--protocol official` trains with in place of a dataset's default (the others are the official ones).
+OFFICIAL_LOSSES = {"structure": "structure-official"}
+
+
+def protocol_loss(protocol: str, loss: str) -> str:
+    """The loss a run of `protocol` uses where the dataset's default is `loss`."""
+    return OFFICIAL_LOSSES.get(loss, loss) if protocol == "official" else loss
 
 
 def get_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

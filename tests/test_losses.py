@@ -10,8 +10,8 @@ from scipy.ndimage import uniform_filter
 
 from samfit.errors import SamfitError
 from samfit.losses import (
-    LOSSES, balanced_bce_loss, get_loss, hungarian_match, mask_classification_loss, semantic_targets,
-    structure_loss,
+    LOSSES, balanced_bce_loss, get_loss, hungarian_match, mask_classification_loss, protocol_loss,
+    semantic_targets, structure_loss, structure_loss_official,
 )
 from samfit.model.segmenter import semantic_inference
 
@@ -56,6 +56,42 @@ def test_structure_loss_weights_the_bce_unlike_the_official_copy():
         inter, union = (w * p * yi).sum(), (w * (p + yi)).sum()
         wiou.append(1 - (inter + 1) / (union - inter + 1))
     assert abs(structure_loss(logits, target).item() - (plain + np.mean(wiou))) > 1e-3
+
+
+def official_structure_formula(x, y):
+    """Mean BCE over every pixel of the batch + the mean over images of the weighted IoU term (float64)."""
+    wiou = []
+    for xi, yi in zip(x, y):
+        w = 1 + 5 * np.abs(uniform_filter(yi, size=31, mode="constant", cval=0.0) - yi)
+        p = sigmoid(xi)
+        inter, union = (w * p * yi).sum(), (w * (p + yi)).sum()
+        wiou.append(1 - (inter + 1) / (union - inter + 1))
+    return np_bce(x, y).mean() + np.mean(wiou)
+
+
+@pytest.mark.parametrize("seed, shape", [(0, (2, 1, 12, 10)), (3, (3, 1, 40, 36)), (4, (2, 1, 9, 9))])
+def test_official_structure_loss_equals_the_formula(seed, shape):
+    logits, target = binary_example(seed, shape)
+    want = official_structure_formula(logits.numpy()[:, 0], target.numpy()[:, 0])
+    assert structure_loss_official(logits, target).item() == pytest.approx(want, rel=1e-12)
+    assert get_loss("structure-official") is structure_loss_official
+
+
+def test_the_legacy_reduce_argument_is_a_mean():
+    """The fact the official loss rests on: `reduce='none'` (legacy, truthy) returns the mean BCE, a scalar."""
+    logits, target = binary_example(5)
+    with pytest.warns(UserWarning):
+        legacy = F.binary_cross_entropy_with_logits(logits, target, reduce="none")
+    assert legacy.dim() == 0
+    assert legacy.item() == pytest.approx(np_bce(logits.numpy(), target.numpy()).mean(), rel=1e-12)
+
+
+def test_the_official_protocol_swaps_only_the_structure_loss():
+    assert protocol_loss("official", "structure") == "structure-official"
+    for loss in ("balanced-bce", "bce", "dice", "mask-classification"):
+        assert protocol_loss("official", loss) == loss
+    for loss in (*LOSSES, "mask-classification"):
+        assert protocol_loss("samfit", loss) == loss
 
 
 def test_structure_loss_prefers_the_right_answer():
