@@ -26,7 +26,7 @@ from samfit.config import RunConfig
 from samfit.data import SegmentationFolder, ensure_available, resolve_dataset, selection_pairs, split_pairs
 from samfit.engine import distributed, rundir
 from samfit.engine.cache import prepare_cache
-from samfit.engine.evaluate import evaluate
+from samfit.engine.evaluate import evaluate, per_image_csv
 from samfit.engine.profile import Timer, peak_memory_kind, peak_memory_mb, reset_peak_memory
 from samfit.engine.sampling import (EpochSampler, epoch_order, flip_batch, flip_choices, rng_state,
                                     seed_everything, set_rng_state)
@@ -302,10 +302,13 @@ class Run:
         self.model.load_state_dict(torch.load(self.run_dir / "checkpoints" / "best.pt", weights_only=True),
                                    strict=False)
         results, timers = {}, []
+        self.per_image = []  # one row per (test set, image), written to per_image.csv
         for split in self.spec.eval_splits:
             test_set = self.make_set(split_pairs(self.spec, self.folder, split), self.cfg.limit_eval)
+            rows = []
             results[split], timer = evaluate(self.model, test_set, self.spec, self.cfg, self.device, self.autocast,
-                                             label=f"test ({split})", **dist.eval_args(len(test_set)))
+                                             label=f"test ({split})", per_image=rows, **dist.eval_args(len(test_set)))
+            self.per_image += [{"test_set": split, **row} for row in rows]
             timers.append(timer)
         images = dist.sum(sum(t.images for t in timers))  # all ranks' images over the slowest rank's time
         seconds = dist.max(sum(sum(t.durations) for t in timers))
@@ -340,6 +343,7 @@ class Run:
             "wall_time_s": wall_time_s, "versions": versions(),
         }
         if self.writes:  # metrics.json last: it is what marks a run complete (a kill between the two is resumed)
+            rundir.write_text(self.run_dir / "per_image.csv", per_image_csv(self.per_image))
             rundir.set_status(self.run_dir, "done")
             rundir.write_json(self.run_dir / "metrics.json", metrics)
         dist.barrier()  # every rank returns once rank 0 has written metrics.json

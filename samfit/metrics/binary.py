@@ -18,6 +18,11 @@ Every score is a fraction in [0, 1] (E-measure: see `sod`) except `ber` and `ber
   over images, with its thresholds 255·p > 125 and GT > 125; a class absent from an image's GT counts only if
   it is predicted there (accuracy 0), as torchmetrics' macro accuracy does.
 - SOD metrics: see `samfit.metrics.sod`.
+
+`BinaryEvaluator.per_image()` gives, per image, every per-image score and the counts the pooled metrics sum
+(`tp`, `fp`, `tn`, `fn` at the IoU/Dice thresholds; `ber_tp`, `ber_fp`, `ber_tn`, `ber_fn` at BER's; with SOD,
+E_φ's 256-point curve as `e_curve_000`..`e_curve_255`), so `samfit.metrics.pooled` recomputes any pooled metric
+on any subset of images.
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from samfit.errors import SamfitError
 from samfit.metrics.sod import SODAccumulator, to_uint8_map
 
 BER_THRESHOLD = 125  # ComputeBERonSet.m's tsFor1, on the 0-255 scale, for GT and prediction alike
+COUNT_COLUMNS = ("tp", "fp", "tn", "fn", "ber_tp", "ber_fp", "ber_tn", "ber_fn")  # per-image counts, see per_image
 
 
 def to_numpy(x) -> np.ndarray:
@@ -144,6 +150,7 @@ class BinaryEvaluator:
         self.counts = np.zeros(4, dtype=np.int64)  # TP, FP, TN, FN with GT > 128
         self.ber_counts = np.zeros(4, dtype=np.int64)  # TP, FP, TN, FN, GT > 125, round(255·p) > 125
         self.ber_images: list[float] = []
+        self.image_counts: list[np.ndarray] = []  # per image: the 4 counts at GT > 128, then BER's 4
 
     def update(self, pred, gt) -> None:
         gt = as_gt_mask(gt)
@@ -153,7 +160,9 @@ class BinaryEvaluator:
         self.iou.append(_ratio(tp, tp + fp + fn))
         self.dice.append(_ratio(2 * tp, 2 * tp + fp + fn))
         self.counts += (tp, fp, tn, fn)
-        self.ber_counts += _stat_scores((to_uint8_map(pred) > BER_THRESHOLD).astype(np.float32), gt > BER_THRESHOLD)
+        ber_counts = _stat_scores((to_uint8_map(pred) > BER_THRESHOLD).astype(np.float32), gt > BER_THRESHOLD)
+        self.ber_counts += ber_counts
+        self.image_counts.append(np.concatenate([(tp, fp, tn, fn), ber_counts]).astype(np.int64))
         self.ber_images.append(per_image_ber(pred, gt))
         if self.sod is not None:
             self.sod.update(pred, positive)
@@ -170,6 +179,7 @@ class BinaryEvaluator:
             "counts": self.counts.copy(),
             "ber_counts": self.ber_counts.copy(),
             "ber_images": list(self.ber_images),
+            "image_counts": [c.copy() for c in self.image_counts],
         }
 
     @classmethod
@@ -189,7 +199,22 @@ class BinaryEvaluator:
             merged.counts += s["counts"]
             merged.ber_counts += s["ber_counts"]
             merged.ber_images += s["ber_images"]
+            merged.image_counts += list(s["image_counts"])
         return merged
+
+    def per_image(self) -> dict[str, np.ndarray]:
+        """Columns with one entry per image, in the order scored: every per-image score and the pooled
+        metrics' sufficient statistics (see the module docstring)."""
+        counts = np.array(self.image_counts, dtype=np.int64).reshape(-1, 8)
+        cols = {"iou_per_image": np.array(self.iou, dtype=np.float64),
+                "dice_per_image": np.array(self.dice, dtype=np.float64),
+                "ber_per_image": np.array(self.ber_images, dtype=np.float64)}
+        if self.sod is not None:
+            cols.update(self.sod.per_image())
+        cols.update({name: counts[:, j] for j, name in enumerate(COUNT_COLUMNS)})
+        if self.sod is not None:
+            cols.update(self.sod.curve_columns())
+        return cols
 
     def compute(self) -> dict[str, float]:
         if not self.iou:

@@ -10,6 +10,9 @@ entries, JSON-friendly, never NaN).
 copies, computed alongside: with 255 as the ignore label, a prediction at an ignored pixel still counts in
 its class's union (the script masks only label -1), and IoU_c = inter_c / (union_c + 2^-52) is averaged over
 all classes, so a class absent from GT and predictions counts as 0.
+
+`per_image(classes)` gives each image's `inter_<c>`, `union_<c>` and `ignored_<c>` (predictions of c at ignored
+pixels) per class c: their sums over any subset of images give that subset's mIoU (`samfit.metrics.pooled`).
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ class MulticlassEvaluator:
         self.ignore_index = ignore_index
         self.confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
         self.ignored_predictions = np.zeros(num_classes, dtype=np.int64)  # per class, at GT = ignore_index
+        self.image_stats: list[np.ndarray] = []  # per image, (3, C): intersection, union, ignored predictions
 
     def update(self, pred, gt) -> None:
         gt = _as_gt_map(gt, self.num_classes, self.ignore_index)
@@ -81,12 +85,17 @@ class MulticlassEvaluator:
             torch.from_numpy(pred), torch.from_numpy(gt), self.num_classes,
             ignore_index=self.ignore_index, validate_args=False,
         )
-        self.confusion += cm.numpy().astype(np.int64)
-        self.ignored_predictions += np.bincount(pred[gt == self.ignore_index], minlength=self.num_classes)
+        cm = cm.numpy().astype(np.int64)
+        ignored = np.bincount(pred[gt == self.ignore_index], minlength=self.num_classes).astype(np.int64)
+        self.confusion += cm
+        self.ignored_predictions += ignored
+        inter = np.diag(cm)
+        self.image_stats.append(np.stack([inter, cm.sum(axis=0) + cm.sum(axis=1) - inter, ignored]))
 
     def state(self) -> dict:
         return {"num_classes": self.num_classes, "ignore_index": self.ignore_index,
-                "confusion": self.confusion.copy(), "ignored_predictions": self.ignored_predictions.copy()}
+                "confusion": self.confusion.copy(), "ignored_predictions": self.ignored_predictions.copy(),
+                "image_stats": [a.copy() for a in self.image_stats]}
 
     @classmethod
     def from_states(cls, states: Sequence[dict]) -> "MulticlassEvaluator":
@@ -98,7 +107,19 @@ class MulticlassEvaluator:
                 raise SamfitError("Cannot merge MulticlassEvaluator states with different num_classes.")
             merged.confusion += s["confusion"]
             merged.ignored_predictions += s["ignored_predictions"]
+            merged.image_stats += list(s["image_stats"])
         return merged
+
+    def __len__(self) -> int:
+        return len(self.image_stats)
+
+    def per_image(self, classes: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Columns with one entry per image, in the order scored: `inter_<c>`, `union_<c>`, `ignored_<c>` per
+        class c (named by `classes`, else by index)."""
+        names = list(classes) if classes is not None else [str(c) for c in range(self.num_classes)]
+        stats = np.array(self.image_stats, dtype=np.int64).reshape(-1, 3, self.num_classes)
+        return {f"{kind}_{name}": stats[:, k, c] for k, kind in enumerate(("inter", "union", "ignored"))
+                for c, name in enumerate(names)}
 
     def compute(self) -> dict:
         cm = self.confusion

@@ -89,6 +89,24 @@ class SODAccumulator:
     def __len__(self) -> int:
         return len(self._mae.maes)
 
+    def per_image(self) -> dict[str, np.ndarray]:
+        """Each image's scores (their means over images are `compute()`'s, `e_measure_max` aside)."""
+        curves = self.curves()
+        return {"s_measure": np.array(self._s.sms, dtype=np.float64),
+                "e_measure_mean": curves.mean(axis=1) if len(curves) else np.zeros(0),
+                "e_measure_adaptive": np.array(self._e.adaptive_ems, dtype=np.float64),
+                "weighted_f": np.array(self._wf.weighted_fms, dtype=np.float64),
+                "weighted_f_beta2_0.3": np.array(self._wf_official.weighted_fms, dtype=np.float64),
+                "mae": np.array(self._mae.maes, dtype=np.float64)}
+
+    def curves(self) -> np.ndarray:
+        """(images, 256): each image's E_φ curve; `e_measure_max` is the maximum of their mean."""
+        return np.array(self._e.changeable_ems, dtype=np.float64).reshape(len(self), -1)
+
+    def curve_columns(self) -> dict[str, np.ndarray]:
+        curves = self.curves()
+        return {f"e_curve_{t:03d}": curves[:, t] for t in range(curves.shape[1])}
+
     def compute(self) -> dict[str, float]:
         em = self._e.get_results()["em"]
         curve = np.asarray(em["curve"], dtype=np.float64)
