@@ -4,7 +4,10 @@ Every field carries its help text and, where it has them, its allowed values and
 The CLI options of `samfit run`, `--config` files, grid files, `--set KEY=VALUE` and validation are all derived
 from these fields. Precedence, lowest first: the defaults here < the dataset's defaults in datasets.yaml (they
 fill only fields left unset, None: image_size, epochs, lr, loss) < a `--config` file < flags given on the
-command line (a flag not given never overrides the file).
+command line (a flag not given never overrides the file). The protocol (`samfit` or `official`) is a named bundle
+of settings: when a RunConfig is made, it fills the fields of PROTOCOL_SETTINGS left unset (None), and in
+`resolved` it turns the dataset's default loss into its own form (`losses.protocol_loss`); a value given in a
+file or a flag always wins.
 """
 from __future__ import annotations
 
@@ -23,6 +26,13 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EVAL_RESOLUTIONS = ("gt", "model")
 CACHE_MODES = ("auto", "on", "off")
+PROTOCOLS = ("samfit", "official")
+DECAY_EXCLUDES = ("none", "bias-norm")
+# What each protocol gives the settings left unset (docs/reference.md, Differences from the official code).
+PROTOCOL_SETTINGS = {
+    "samfit": {"batch_size": 4, "eval_resolution": "gt", "decay_exclude": "none"},
+    "official": {"batch_size": 1, "eval_resolution": "model", "decay_exclude": "bias-norm"},
+}
 
 
 def _attention_kinds() -> tuple[str, ...]:
@@ -57,6 +67,10 @@ class RunConfig:
     method: str = setting("lora", "PEFT method (see `samfit methods`).")
     dataset: str = setting("shapes", "Registry name (see `samfit datasets`), a folder in the canonical layout, "
                                      "or a CSV of image,label pairs.")
+    protocol: str = setting("samfit", "Recipe: samfit's own, or the official Conv-LoRA code's (official: loss "
+                                      "structure-official, batch 1 accumulated to 4, no weight decay on biases and "
+                                      "norms, scored at the input size); fills only the settings not given.",
+                            choices=PROTOCOLS)
     model: str = setting("tiny", "SAM variant (tiny: random weights, for tests and smoke runs).",
                          choices=_model_names)
     checkpoint: str | None = setting(None, "SAM checkpoint file (default: the official file in "
@@ -65,10 +79,15 @@ class RunConfig:
                                      positive=True)
     epochs: int | None = setting(None, "Epochs (default: the dataset's).", positive=True)
     lr: float | None = setting(None, "Peak learning rate (default: the dataset's).", positive=True)
-    batch_size: int = setting(4, "Images per forward pass.", positive=True)
+    batch_size: int | None = setting(None, "Images per forward pass (default: the protocol's, samfit 4, "
+                                           "official 1).", positive=True)
     effective_batch: int = setting(4, "Images per optimiser step (gradient accumulation), a multiple of "
                                       "batch_size.", positive=True)
     weight_decay: float = setting(1e-4, "AdamW weight decay.", minimum=0)
+    decay_exclude: str | None = setting(None, "Trainable tensors without weight decay: none, or bias-norm (biases "
+                                              "and LayerNorm/BatchNorm/GroupNorm parameters, as the official code) "
+                                              "(default: the protocol's, samfit none, official bias-norm).",
+                                        choices=DECAY_EXCLUDES)
     grad_clip: float = setting(1.0, "Clip the gradient norm at this value.", positive=True)
     flip: bool = setting(True, "Horizontal flip with p=0.5 (the only augmentation).")
     seed: int = setting(0, "Seed of initialisation, order and augmentation.", minimum=0)
@@ -83,8 +102,9 @@ class RunConfig:
     limit_train: int | None = setting(None, "Use only the first N training images.", positive=True)
     limit_eval: int | None = setting(None, "Use only the first N images of each evaluation split.",
                                      positive=True)
-    eval_resolution: str = setting("gt", "Score at the ground truth's size (gt) or at the input size (model, "
-                                         "as the official code).", choices=EVAL_RESOLUTIONS)
+    eval_resolution: str | None = setting(None, "Score at the ground truth's size (gt) or at the input size "
+                                                "(model, as the official code) (default: the protocol's, samfit "
+                                                "gt, official model).", choices=EVAL_RESOLUTIONS)
     num_workers: int = setting(0, "DataLoader worker processes.", minimum=0)
     datasets_file: str | None = setting(None, "Extra dataset registry (YAML).")
     data_root: str | None = setting(None, "Data root (default: $SAMFIT_DATA).")
@@ -100,6 +120,10 @@ class RunConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             setattr(self, f.name, coerce(f.name, getattr(self, f.name)))
+        self.protocol = self.protocol or "samfit"
+        for key, value in PROTOCOL_SETTINGS.get(self.protocol, {}).items():  # an unknown protocol: validate's
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         self.validate()
 
     def validate(self) -> None:
@@ -118,16 +142,19 @@ class RunConfig:
                               f"{self.batch_size}.")
 
     def resolved(self, spec) -> "RunConfig":
-        """Fill the dataset's defaults where the user gave none."""
+        """Fill the dataset's defaults where the user gave none (its loss in the protocol's form)."""
+        from samfit.losses import protocol_loss
         from samfit.model.sam import get_variant
 
         size = self.image_size or get_variant(self.model).fixed_size or spec.image_size
         return dataclasses.replace(self, image_size=size, epochs=self.epochs or spec.epochs,
-                                   lr=self.lr if self.lr is not None else spec.lr, loss=self.loss or spec.loss)
+                                   lr=self.lr if self.lr is not None else spec.lr,
+                                   loss=self.loss or protocol_loss(self.protocol, spec.loss))
 
     def run_name(self) -> str:
         method = method_label(self.method, self.method_args)
-        return self.name or f"{Path(self.dataset).stem}_{method}_{self.model}_{self.image_size}_s{self.seed}"
+        suffix = "" if self.protocol == "samfit" else f"_{self.protocol}"  # beside samfit's run, not over it
+        return self.name or f"{Path(self.dataset).stem}_{method}_{self.model}_{self.image_size}_s{self.seed}{suffix}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

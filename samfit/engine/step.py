@@ -5,7 +5,9 @@ A micro-batch: forward under autocast, task loss (the binary loss, or the mask-c
 method's auxiliary loss (Conv-LoRA's load balancing), a finiteness check, backward of loss / accum through the
 grad scaler. After every `accum`-th micro-batch, the optimiser step: average gradients over the processes,
 unscale, clip the gradient norm, AdamW step, scaler update, zero the gradients, advance the learning rate.
-AdamW with linear decay to 0 and no warm-up, as the official Conv-LoRA recipe (docs/reference.md, Protocol).
+AdamW with linear decay to 0 and no warm-up, as the official Conv-LoRA recipe (docs/reference.md, Protocol);
+weight decay on every trainable tensor, or (`decay_exclude: bias-norm`, the official protocol's) not on biases
+and normalisation parameters (`no_decay_parameters`).
 """
 from __future__ import annotations
 
@@ -63,9 +65,28 @@ class NonFiniteLoss(SamfitError):
     """The loss became inf or NaN; the run adds where and what to try."""
 
 
+# The module types whose parameters the official code keeps out of weight decay (besides every `bias`). SAM's
+# channel-first LayerNorm2d (neck, decoder upscaling) is a plain Module there as here, so its weight is decayed.
+NORM_TYPES = (torch.nn.LayerNorm, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d,
+              torch.nn.GroupNorm)
+
+
+def no_decay_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable parameters the official code trains without weight decay: those of LayerNorm, BatchNorm and
+    GroupNorm modules, and every parameter with "bias" in its name."""
+    norm = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES) for p in m.parameters(recurse=False)}
+    return [p for name, p in model.named_parameters()
+            if p.requires_grad and (id(p) in norm or "bias" in name)]
+
+
 def make_optimizer(params: list[torch.nn.Parameter], lr: float, weight_decay: float, total_steps: int,
-                   device: torch.device, use_scaler: bool):
-    """(AdamW, linear decay of the lr to 0 over `total_steps`, grad scaler enabled for fp16)."""
+                   device: torch.device, use_scaler: bool, no_decay: list[torch.nn.Parameter] | None = None):
+    """(AdamW, linear decay of the lr to 0 over `total_steps`, grad scaler enabled for fp16). With `no_decay` (a
+    subset of `params`), two groups as the official code: the rest with `weight_decay`, those with none."""
+    if no_decay is not None:
+        skip = {id(p) for p in no_decay}
+        params = [{"params": [p for p in params if id(p) not in skip], "weight_decay": weight_decay},
+                  {"params": [p for p in params if id(p) in skip], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1 - s / total_steps))
     return optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=use_scaler)

@@ -30,8 +30,8 @@ from samfit.engine.evaluate import evaluate, per_image_csv
 from samfit.engine.profile import Timer, peak_memory_kind, peak_memory_mb, reset_peak_memory
 from samfit.engine.sampling import (EpochSampler, epoch_order, flip_batch, flip_choices, rng_state,
                                     seed_everything, set_rng_state)
-from samfit.engine.step import (NonFiniteLoss, TrainStep, autocast_for, make_optimizer, pick_device,
-                                resolve_precision, task_loss)
+from samfit.engine.step import (NonFiniteLoss, TrainStep, autocast_for, make_optimizer, no_decay_parameters,
+                                pick_device, resolve_precision, task_loss)
 from samfit.errors import SamfitError
 from samfit.methods import get_method
 from samfit.model.attention import set_attention
@@ -66,7 +66,9 @@ def make_train_step(cfg: RunConfig, model, task: str, num_classes: int, total_st
     `model`'s."""
     autocast, _, use_scaler = autocast_for(cfg.precision, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler, scaler = make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, device, use_scaler)
+    no_decay = no_decay_parameters(model) if cfg.decay_exclude == "bias-norm" else None
+    optimizer, scheduler, scaler = make_optimizer(params, cfg.lr, cfg.weight_decay, total_steps, device, use_scaler,
+                                                  no_decay)
     return TrainStep(forward or model, params, optimizer, scheduler, scaler, autocast,
                      task_loss(task, num_classes, cfg.loss), cfg.effective_batch // cfg.batch_size, cfg.grad_clip,
                      average_gradients)
@@ -323,7 +325,8 @@ class Run:
 
             checkpoint = {"path": str(checkpoint.resolve()), "md5": md5sum(checkpoint)}
         metrics = {
-            "run": cfg.run_name(), "method": cfg.method, "dataset": spec.name, "model": cfg.model,
+            "run": cfg.run_name(), "protocol": cfg.protocol, "method": cfg.method, "dataset": spec.name,
+            "model": cfg.model,
             "image_size": cfg.image_size, "seed": cfg.seed, "device": str(self.device),
             "precision": resolve_precision(cfg.precision, self.device),
             "eval_resolution": cfg.eval_resolution, "task": spec.task, "sam_checkpoint": checkpoint,
