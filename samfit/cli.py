@@ -77,13 +77,16 @@ def table(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the table to this file."),
     paper: bool = typer.Option(False, "--paper", help="Add the paper's published numbers and the difference."),
     reference: Optional[Path] = typer.Option(None, help="Published numbers CSV (default: benchmarks/paper_reference.csv)."),
+    baseline: Optional[str] = typer.Option(None, help="Mark cells significantly better/worse than this method."),
 ):
     """Summarise run folders: methods × datasets, headline metric mean ± std over seeds."""
     from samfit.report import collect_runs, comparison_grid, render, summarise
+    from samfit.report.cli import marks_for
 
     runs = collect_runs(folder)
     summary = summarise(runs, metric)
-    grid = comparison_grid(summary)
+    marks, legend = marks_for(runs, baseline, metric) if baseline else ({}, None)
+    grid = comparison_grid(summary, marks)
     if paper:
         from samfit.report.paper import add_paper, load_reference
 
@@ -91,7 +94,7 @@ def table(
         for note in notes:
             err.print(f"paper: {note}", highlight=False)
     if fmt == "rich":
-        t = Table(title=f"samfit results in {folder}")
+        t = Table(title=f"samfit results in {folder}", caption=legend)
         for col in grid.columns:
             t.add_column(str(col))
         for _, row in grid.iterrows():
@@ -99,7 +102,9 @@ def table(
         console.print(t)
         text = None
     else:
-        text = render(grid, fmt)
+        text = render(grid, fmt) + (f"\n\n{legend}" if legend and fmt == "markdown" else "")
+        if legend and fmt != "markdown":
+            err.print(legend, highlight=False)
     if text is not None:
         if output:
             from samfit.engine.rundir import write_text
@@ -362,9 +367,11 @@ def data_download(
     console.print(f"[green]prepared[/] {folder}")
 
 
+from samfit.report.cli import register as register_compare  # noqa: E402  compare: samfit/report/cli.py
 from samfit.use.cli import register  # noqa: E402  predict, evaluate, export: samfit/use/cli.py
 
 register(app)
+register_compare(app)
 
 
 def main() -> None:

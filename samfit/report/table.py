@@ -29,11 +29,12 @@ def summarise(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     return grouped.sort_values(["order", "method"]).drop(columns="order")
 
 
-def comparison_grid(summary: pd.DataFrame) -> pd.DataFrame:
+def comparison_grid(summary: pd.DataFrame, marks: dict | None = None) -> pd.DataFrame:
     """Wide table: one row per method (and model), one column per dataset/test set (mean ± sample std over
     seeds, no ± for a single seed), best per column marked
     with '*' (when more than one method ran). Scores are shown as the paper prints them (`display_scale`);
-    a method without runs on a dataset shows '—'."""
+    a method without runs on a dataset shows '—'. `marks` ((method, model, dataset, test set, metric) -> '▲'
+    or '▼', from `samfit.report.compare.verdict_marks`) are appended to their cells."""
     best = {}
     for col, group in summary.groupby(["dataset", "test_set", "metric"], sort=False):
         lower = bool(group["lower_is_better"].iloc[0])
@@ -47,7 +48,9 @@ def comparison_grid(summary: pd.DataFrame) -> pd.DataFrame:
             factor, digits = display_scale(r["metric"])
             spread = f" ± {r['std'] * factor:.{digits}f}" if r["seeds"] > 1 else ""  # no spread from one seed
             text = f"{r['mean'] * factor:.{digits}f}{spread} (n={r['seeds']})"
-            row[column_label(col)] = text + (" *" if r["mean"] == best[col] and summary["method"].nunique() > 1 else "")
+            text += " *" if r["mean"] == best[col] and summary["method"].nunique() > 1 else ""
+            mark = (marks or {}).get((method, model, *col))
+            row[column_label(col)] = f"{text} {mark}" if mark else text
         row["step s"] = round(float(group["step_time_s"].median()), 4)
         row["peak MB"] = round(float(group["peak_memory_mb"].median()), 1)
         table.append(row)
