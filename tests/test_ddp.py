@@ -111,5 +111,10 @@ def test_two_processes_equal_one_process(tmp_path, data_root):
     # rank 0 alone wrote the folder: one status, no lock left, no stray temporary files
     assert json.loads((two / "status.json").read_text())["status"] == "done"
     assert sorted(p.name for p in two.iterdir()) == ["checkpoints", "config.yaml", "history.csv", "metrics.json",
-                                                     "status.json"]
+                                                     "per_image.csv", "status.json"]
+    # the per-image rows are gathered from both ranks: every image once, in dataset order, as one process has them
+    r1, r2 = (list(csv.DictReader(io.StringIO((f / "per_image.csv").read_text()))) for f in (one, two))
+    assert [(r["test_set"], r["image"]) for r in r1] == [(r["test_set"], r["image"]) for r in r2]
+    for a, b in zip(r1, r2):
+        assert float(a["iou_per_image"]) == pytest.approx(float(b["iou_per_image"]), abs=SCORE_TOLERANCE)
     assert proc.stdout.count("done ") == 1
