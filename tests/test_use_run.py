@@ -159,7 +159,8 @@ def test_evaluate_writes_eval_json_and_leaves_metrics_json_alone(trained, cli):
     result = json.loads((folder / "eval" / "again.json").read_text())
     assert result["scores"]["test"] == json.loads(before)["scores"]["test"]  # the same test images, same protocol
     rows = (folder / "eval" / "again_images.csv").read_text().splitlines()
-    assert rows[0] == "split,image,iou,dice" and len(rows) == 1 + LIMIT_EVAL
+    assert rows[0].startswith("split,image,iou,dice,iou_per_image,") and len(rows) == 1 + LIMIT_EVAL
+    assert {"tp", "fp", "tn", "fn", "ber_tp"} <= set(rows[0].split(","))
     code, _, message = cli("evaluate", folder, "--dataset", data_dir, "--split", "nope")
     assert code == 2 and "no split 'nope'" in message and "Available: test, train, val" in message
     code, _, message = cli("evaluate", folder, "--dataset", "shapes-multiclass", "--data-root", data_dir.parent)

@@ -1,7 +1,8 @@
 """Score a finished run on another dataset or test folder (transfer), with the run's own evaluation protocol.
 
 Written to RUN/eval/<name>.json (scores per split, images scored, protocol) and RUN/eval/<name>_images.csv (one
-row per image: binary IoU and Dice; multi-class pixel accuracy); the run's metrics.json is never touched.
+row per image: binary IoU and Dice, multi-class pixel accuracy, then the per-image scores and sufficient
+statistics of a run's per_image.csv); the run's metrics.json is never touched.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
     """Score the run on `dataset` (a registry name, a canonical folder or a CSV); returns the JSON's path."""
     from samfit.data import SegmentationFolder, ensure_available, resolve_dataset, split_pairs
     from samfit.engine import rundir
-    from samfit.engine.evaluate import make_evaluator, predict_batches, score_at
+    from samfit.engine.evaluate import make_evaluator, per_image_rows, predict_batches, score_at
     from samfit.engine.step import autocast_for, resolve_precision
     from samfit.use.load import load_run
 
@@ -66,6 +67,7 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
                                       limit=limit)
             evaluator = make_evaluator(spec)
             task = progress.add_task(f"evaluate {spec.name}/{split}", total=len(data))
+            split_rows = []
             for index, s in predict_batches(model, data, list(range(len(data))), cfg.batch_size, dev, autocast):
                 pred, gt = score_at(s, data.gt(index), cfg.eval_resolution, cfg.image_size)
                 evaluator.update(pred, gt)
@@ -75,8 +77,11 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
                 else:
                     known = gt != 255
                     row["pixel_accuracy"] = float((pred[known] == gt[known]).mean()) if known.any() else None
-                rows.append(row)
+                split_rows.append(row)
                 progress.advance(task)
+            for row, stats in zip(split_rows, per_image_rows(evaluator, spec, data, list(range(len(data))))):
+                row.update({k: v for k, v in stats.items() if k != "image"})  # what pooled metrics sum, too
+            rows += split_rows
             result = evaluator.compute()
             if "iou_per_class" in result:
                 result["iou_per_class"] = dict(zip(spec.classes, result["iou_per_class"]))
