@@ -186,6 +186,30 @@ def test_bad_input_is_a_clear_message(cli, tmp_path):
     assert code == 2 and "no per-image rows" in message
 
 
+def test_average_ranks_and_friedman_across_test_sets(cli, tmp_path):
+    from samfit.report.collect import collect_runs
+    from samfit.report.compare import friedman_ranks
+
+    root = tmp_path / "runs"
+    quality = {"lora": 2, "decoder-only": 1, "bitfit": 3}
+    for k, dataset in enumerate(("blobs", "drops", "dots")):
+        for method, q in quality.items():
+            write_run(root, method, 0, image_rows(np.random.default_rng(k), 12, q + (k == 2) * (method == "lora") * 2),
+                      dataset=dataset)
+    result, why = friedman_ranks(collect_runs(root))
+    assert why is None
+    runs = collect_runs(root)
+    table = runs.pivot_table(index="dataset", columns="method", values="iou_per_image")[result["methods"]]
+    expected = stats.friedmanchisquare(*table.to_numpy().T)
+    assert result["statistic"] == pytest.approx(expected.statistic) and result["p_value"] == pytest.approx(expected.pvalue)
+    ranks = dict(zip(result["methods"], result["average_rank"]))
+    assert ranks == pytest.approx({"bitfit": 4 / 3, "lora": 5 / 3, "decoder-only": 3.0})  # lora wins on dots
+    code, out, message = cli("compare", root, "--format", "markdown", "--resamples", "200")
+    assert code == 0 and "Friedman test over 3 test sets and 3 methods" in out, message
+    none, why = friedman_ranks(collect_runs(root / "blobs_lora_tiny_64_s0"))
+    assert none is None and "3 or more methods" in why
+
+
 # ---------------------------------------------------------------- two real tiny runs
 
 @pytest.fixture(scope="module")

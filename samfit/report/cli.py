@@ -63,7 +63,8 @@ def compare(
 
     if fmt not in FORMATS:
         raise SamfitError(f"--format {fmt}: choose one of {', '.join(FORMATS)}.")
-    records, notes = compare_runs(load_runs(results), baseline, metric, Settings(confidence, resamples, seed))
+    runs = load_runs(results)
+    records, notes = compare_runs(runs, baseline, metric, Settings(confidence, resamples, seed))
     for note in notes:
         err.print(f"note: {note}", highlight=False)
     if fmt == "json":
@@ -86,8 +87,32 @@ def compare(
         for _, row in frame.iterrows():
             t.add_row(*(str(v) for v in row))
         console.print(t)
+    else:
+        sys.stdout.write(render(frame, fmt) + f"\n\n{caption}.\n")
+    ranks_section(runs, metric, fmt)
+
+
+def ranks_section(runs: pd.DataFrame, metric: str | None, fmt: str) -> None:
+    """Average rank per method across test sets and the Friedman test (rich, markdown and latex output)."""
+    from samfit.report.compare import friedman_ranks
+    from samfit.report.table import render
+
+    result, why = friedman_ranks(runs, metric)
+    if result is None:
+        err.print(f"note: {why}", highlight=False)
         return
-    sys.stdout.write(render(frame, fmt) + f"\n\n{caption}.\n")
+    frame = pd.DataFrame({"method": result["methods"], "average rank": [f"{r:.2f}" for r in result["average_rank"]]})
+    line = (f"Friedman test over {result['test_sets']} test sets and {len(frame)} methods: chi-square = "
+            f"{result['statistic']:.3g}, p = {result['p_value']:.3g} (rank 1 = best)")
+    if fmt == "rich":
+        t = Table(title="average rank across test sets", caption=line)
+        for col in frame.columns:
+            t.add_column(col)
+        for _, row in frame.sort_values("average rank").iterrows():
+            t.add_row(*row)
+        console.print(t)
+    else:
+        sys.stdout.write("\n" + render(frame.sort_values("average rank"), fmt) + f"\n\n{line}.\n")
 
 
 def marks_for(runs: pd.DataFrame, baseline: str, metric: str | None) -> tuple[dict, str]:

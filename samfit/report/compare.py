@@ -212,3 +212,28 @@ def verdict_marks(records: list[dict]) -> dict[tuple, str]:
     sign = {"better": "▲", "worse": "▼"}
     return {(r["method"], r["model"], r["dataset"], r["test_set"], r["metric"]): sign[r["verdict"]]
             for r in records if r["verdict"] in sign}
+
+
+def friedman_ranks(runs: pd.DataFrame, metric: str | None = None) -> tuple[dict | None, str | None]:
+    """Across test sets (dataset, test set, model): each method's average rank (1 = best, ties averaged) on the
+    metric's mean over seeds, and the Friedman test (`scipy.stats.friedmanchisquare`) over the methods that ran
+    on every test set. (result, None), or (None, why not)."""
+    blocks = {}
+    for key, group in runs.groupby(GROUP, sort=False):
+        name = metric or group["headline"].iloc[0]
+        if name not in group.columns or group[name].isna().all():
+            continue
+        lower = bool(group["lower_is_better"].iloc[0]) if name == group["headline"].iloc[0] else \
+            name in LOWER_IS_BETTER
+        means = group.groupby("method")[name].mean()
+        blocks[key] = -means if lower else means  # higher is better from here on
+    shared = set.intersection(*(set(b.index) for b in blocks.values())) if blocks else set()
+    if len(shared) < 3 or len(blocks) < 2:
+        return None, (f"average ranks and the Friedman test need 3 or more methods on 2 or more test sets; here "
+                      f"{len(shared)} method(s) ran on all of {len(blocks)} test set(s).")
+    methods = _method_order(shared)
+    table = np.array([[blocks[k][m] for m in methods] for k in blocks])  # test sets × methods
+    ranks = stats.rankdata(-table, axis=1).mean(axis=0)
+    result = stats.friedmanchisquare(*table.T)
+    return {"methods": methods, "average_rank": [float(r) for r in ranks], "test_sets": len(blocks),
+            "statistic": float(result.statistic), "p_value": float(result.pvalue)}, None
