@@ -255,23 +255,33 @@ def methods(
     model: str = typer.Option("vit_b", help=MODELS),
     num_classes: int = typer.Option(1, help="1 = binary head; >1 = mask-classification head."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    method_arg: Optional[List[str]] = typer.Option(None, "--method-arg", help="key=value for every method that "
+                                                   "has the key (e.g. blocks=last:3); the others are left out."),
 ):
     """List the PEFT methods with their trainable parameter counts on MODEL."""
+    import dataclasses
+
     import torch
 
     import samfit
+    from samfit.keyvalue import parse_pairs
     from samfit.model.sam import sam_total_parameters
 
     sam_total = sam_total_parameters(model)
-    rows = []
+    args, rows = parse_pairs(method_arg, "--method-arg", "blocks=last:3"), []
     for name in samfit.list_methods():
-        method = samfit.get_method(name)
+        keys = {f.name for f in dataclasses.fields(type(samfit.get_method(name)).Config)}
+        if not set(args) <= keys:
+            continue
+        method = samfit.get_method(name, **args)
         with torch.device("meta"):  # counting needs shapes only
             net = method.apply(samfit.build_model(model, num_classes=num_classes, image_size=256))
         counts = samfit.count_parameters(net)
         rows.append({"method": name, **counts, "percent_of_sam": 100 * counts["trainable"] / sam_total,
                      "hyperparameters": method.describe(), "identical_at_init": method.identical_at_init,
                      "mergeable": method.mergeable, "summary": method.summary})
+    if not rows:
+        raise SamfitError(f"No method takes every --method-arg key given ({', '.join(args)}); see `samfit methods`.")
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return

@@ -167,3 +167,17 @@ def test_a_grid_placement_outside_the_backbone_fails_at_apply_time(tmp_path):
     (run, *_) = load_grid(path, out=str(tmp_path / "out")).runs
     with pytest.raises(SamfitError, match=r"blocks=last:5 for method 'lora': must be .*K from 1 to 4"):
         samfit.get_method(run.method, **run.method_args).apply(samfit.build_model("tiny", image_size=64))
+
+
+def test_methods_command_counts_a_placement(cli):
+    """`samfit methods --method-arg blocks=last:3` counts every placeable method in the last 3 blocks (LoRA:
+    3 · 12·d on vit_b) and leaves out the methods without that argument."""
+    import json
+
+    code, out, message = cli("methods", "--model", "vit_b", "--method-arg", "blocks=last:3", "--json")
+    assert code == 0, message
+    rows = {r["method"]: r for r in json.loads(out)}
+    assert rows["lora"]["encoder_trainable"] == 3 * 12 * 768 and rows["lora"]["hyperparameters"]["blocks"] == "last:3"
+    assert "decoder-only" not in rows and "lst" not in rows
+    code, _, message = cli("methods", "--method-arg", "nothing=1")
+    assert code == 2 and "No method takes" in message
