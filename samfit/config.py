@@ -100,6 +100,9 @@ class RunConfig:
     method_args: dict = setting({}, "The method's hyperparameters, key=value (see `samfit methods`).",
                                 flag="method-arg")
     limit_train: int | None = setting(None, "Use only the first N training images.", positive=True)
+    train_fraction: float = setting(1.0, "Train on this share (0 < F <= 1) of the training split: a fixed "
+                                         "subset, the same images for every method and seed, nested across "
+                                         "fractions; the selection split is unchanged.", positive=True)
     limit_eval: int | None = setting(None, "Use only the first N images of each evaluation split.",
                                      positive=True)
     eval_resolution: str | None = setting(None, "Score at the ground truth's size (gt) or at the input size "
@@ -137,6 +140,8 @@ class RunConfig:
             check_image_size(self.image_size)
         method = get_method(self.method, **self.method_args)  # the method's own Config checks its arguments
         self.method_args = {k: _plain(getattr(method.config, k)) for k in self.method_args}  # typed, not text
+        if self.train_fraction > 1:
+            raise SamfitError(f"--train-fraction {self.train_fraction}: must be in (0, 1].")
         if self.effective_batch % self.batch_size:
             raise SamfitError(f"--effective-batch {self.effective_batch} must be a multiple of --batch-size "
                               f"{self.batch_size}.")
@@ -154,6 +159,7 @@ class RunConfig:
     def run_name(self) -> str:
         method = method_label(self.method, self.method_args)
         suffix = "" if self.protocol == "samfit" else f"_{self.protocol}"  # beside samfit's run, not over it
+        suffix = (f"_f{self.train_fraction:g}" if self.train_fraction < 1 else "") + suffix
         return self.name or f"{Path(self.dataset).stem}_{method}_{self.model}_{self.image_size}_s{self.seed}{suffix}"
 
     def to_dict(self) -> dict:

@@ -141,3 +141,20 @@ def selection_pairs(spec, folder: Path) -> tuple[list, list, dict]:
     holdout = [pair for i, pair in enumerate(by_name) if i in picked]
     return keep, holdout, {"split": f"{spec.train} (held out)", "held_out": held,
                            "val_fraction": spec.val_fraction}
+
+
+FRACTION_SEED = 1  # the one permutation every --train-fraction subset is a prefix of
+
+
+def fraction_pairs(pairs: list, fraction: float) -> list:
+    """The training pairs of `--train-fraction`: a prefix (round(F * n), at least one image) of one fixed
+    permutation (seeded with FRACTION_SEED, not the run's seed) of the pairs sorted by image name, so every method
+    and seed trains on the same images and a smaller fraction's images are inside a larger one's. Given the pairs
+    left for training after `selection_pairs`, the selection split stays the same whatever the fraction.
+    Returned in image-name order; fraction 1 returns `pairs` unchanged."""
+    if fraction >= 1:
+        return pairs
+    by_name = sorted(pairs, key=lambda pair: pair[0].name)
+    keep = max(1, round(fraction * len(by_name)))
+    picked = set(np.random.default_rng(FRACTION_SEED).permutation(len(by_name))[:keep].tolist())
+    return [pair for i, pair in enumerate(by_name) if i in picked]

@@ -23,7 +23,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from samfit.config import RunConfig
-from samfit.data import SegmentationFolder, ensure_available, resolve_dataset, selection_pairs, split_pairs
+from samfit.data import (SegmentationFolder, ensure_available, fraction_pairs, resolve_dataset, selection_pairs,
+                         split_pairs)
 from samfit.engine import distributed, rundir
 from samfit.engine.cache import prepare_cache
 from samfit.engine.evaluate import evaluate, per_image_csv
@@ -155,6 +156,7 @@ class Run:
 
             console.print(f"[yellow]{missing_tests_note(self.spec)}")
         train_pairs, val_pairs, self.selection = selection_pairs(self.spec, self.folder)
+        train_pairs = fraction_pairs(train_pairs, self.cfg.train_fraction)  # after the selection split is held out
         self.train_set = self.make_set(train_pairs, self.cfg.limit_train)
         self.val_set = self.make_set(val_pairs, self.cfg.limit_eval)
 
@@ -342,7 +344,8 @@ class Run:
             "peak_memory_mb": dist.max(peak_memory_mb(self.device)), "peak_memory_kind": peak_memory_kind(self.device),
             "attention": cfg.attention, "grad_checkpoint": cfg.grad_checkpoint, "embedding_cache": self.cache_report,
             "processes": dist.world,
-            "train_images": len(self.train_set), "skipped_bad": len(self.train_set.skipped) + len(self.val_set.skipped),
+            "train_fraction": cfg.train_fraction, "train_images": len(self.train_set),
+            "skipped_bad": len(self.train_set.skipped) + len(self.val_set.skipped),
             "wall_time_s": wall_time_s, "versions": versions(),
         }
         if self.writes:  # metrics.json last: it is what marks a run complete (a kill between the two is resumed)
