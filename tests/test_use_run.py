@@ -1,11 +1,13 @@
 """Using a finished run: samfit.load_run, `samfit predict` and `samfit evaluate` on a 1-epoch tiny run of the built-in
 `shapes` data. Predicting the run's test images and scoring the written PNGs gives metrics.json's numbers exactly
 (same model rebuilt from config.yaml and the seed, same preprocessing, same batches, same upsampling)."""
+import io
 import json
 import shutil
 
 import cv2
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -161,6 +163,11 @@ def test_evaluate_writes_eval_json_and_leaves_metrics_json_alone(trained, cli):
     rows = (folder / "eval" / "again_images.csv").read_text().splitlines()
     assert rows[0].startswith("split,image,iou,dice,iou_per_image,") and len(rows) == 1 + LIMIT_EVAL
     assert {"tp", "fp", "tn", "fn", "ber_tp"} <= set(rows[0].split(","))
+    code, out, message = cli("table", folder.parent, "--eval", "--format", "csv")
+    assert code == 0, message
+    grid = pd.read_csv(io.StringIO(out))
+    head = result["headline"]["metric"]
+    assert len(grid) == 1 and grid.loc[0, f"shapes→again {head}"] == grid.loc[0, f"shapes {head}"]  # same images
     code, _, message = cli("evaluate", folder, "--dataset", data_dir, "--split", "nope")
     assert code == 2 and "no split 'nope'" in message and "Available: test, train, val" in message
     code, _, message = cli("evaluate", folder, "--dataset", "shapes-multiclass", "--data-root", data_dir.parent)

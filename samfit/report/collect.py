@@ -1,5 +1,6 @@
-"""Collect run folders (any folder holding metrics.json, at any depth) into a pandas DataFrame; read a run's
-per-image rows (per_image.csv, written by runs since per-image records exist)."""
+"""Collect run folders (any folder holding metrics.json, at any depth) into a pandas DataFrame; add the scores of
+`samfit evaluate` (RUN/eval/<name>.json) as rows of their own; read a run's per-image rows (per_image.csv, written
+by runs since per-image records exist)."""
 from __future__ import annotations
 
 import json
@@ -11,6 +12,9 @@ from samfit.config import method_label
 from samfit.errors import SamfitError
 
 PER_IMAGE = "per_image.csv"
+IDENTITY = ("run", "method", "model", "image_size", "seed", "trainable", "encoder_trainable", "percent_of_sam",
+            "train_img_per_s", "step_time_s", "eval_img_per_s", "peak_memory_mb", "device", "path")  # not scores
+EVAL_MARK = "→"  # an evaluation's dataset in the table: '<trained on>→<eval name>', e.g. 'polyp→hospital2'
 
 
 def collect_runs(root: str | Path) -> pd.DataFrame:
@@ -40,6 +44,35 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
     if not rows:
         raise SamfitError(f"No runs under {root} (no metrics.json found). Run `samfit run ... --out {root}` first.")
     return pd.DataFrame(rows)
+
+
+def with_evals(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
+    """`runs` plus one row per run, evaluation (RUN/eval/<name>.json) and split: the run's identity, parameters
+    and speed, the evaluation's scores, dataset '<trained on>→<name>' (so runs trained on different datasets are
+    never averaged together) and the evaluation's headline metric. With `metric`, evaluations without it are
+    left out."""
+    rows = []
+    for _, run in runs.drop_duplicates(subset="path").iterrows():
+        for path in sorted((Path(run["path"]) / "eval").glob("*.json")):
+            try:
+                e = json.loads(path.read_text())
+                head, scores = e["headline"], e["scores"]
+            except (json.JSONDecodeError, OSError, KeyError, TypeError) as exc:
+                raise SamfitError(f"Unreadable evaluation {path} ({type(exc).__name__}: {exc}). Delete it or "
+                                  f"write it again with `samfit evaluate {run['path']} --dataset ... --name "
+                                  f"{path.stem}`.") from None
+            for split, values in scores.items():
+                row = {k: run[k] for k in IDENTITY}
+                row.update(dataset=f"{run['dataset']}{EVAL_MARK}{path.stem}", test_set=split,
+                           headline=head["metric"], lower_is_better=head["lower_is_better"], per_image=False)
+                row.update({k: v for k, v in values.items() if isinstance(v, (int, float))})
+                if metric is None or isinstance(row.get(metric), (int, float)):
+                    rows.append(row)
+    if not rows:
+        which = f" with metric '{metric}'" if metric else ""
+        raise SamfitError(f"No `samfit evaluate` results{which} in these runs (no RUN/eval/<name>.json). Score a "
+                          f"run first with `samfit evaluate RUN --dataset NAME|FOLDER|CSV`, or drop --eval.")
+    return pd.concat([runs, pd.DataFrame(rows)], ignore_index=True)
 
 
 def read_per_image(run_dir: str | Path, test_set: str) -> pd.DataFrame:

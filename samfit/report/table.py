@@ -6,6 +6,7 @@ from tabulate import tabulate
 
 from samfit.errors import SamfitError
 from samfit.methods import ORDER
+from samfit.report.collect import EVAL_MARK
 
 FORMATS = ("rich", "markdown", "csv", "latex", "html")
 
@@ -54,7 +55,8 @@ def comparison_grid(summary: pd.DataFrame, marks: dict | None = None) -> pd.Data
         row["step s"] = round(float(group["step_time_s"].median()), 4)
         row["peak MB"] = round(float(group["peak_memory_mb"].median()), 1)
         table.append(row)
-    order = ["method", "model", "trainable", "% of SAM", *(column_label(c) for c in best), "step s", "peak MB"]
+    columns = sorted(best, key=lambda c: EVAL_MARK in c[0])  # `samfit evaluate`'s columns after the run's own
+    order = ["method", "model", "trainable", "% of SAM", *(column_label(c) for c in columns), "step s", "peak MB"]
     return pd.DataFrame(table)[order].fillna("—")
 
 
@@ -78,7 +80,7 @@ def render(frame: pd.DataFrame, fmt: str) -> str:
         return frame.to_csv(index=False)
     if fmt == "latex":  # tabulate escapes LaTeX's specials; the non-ASCII symbols become math / dashes
         latex = tabulate(frame, headers="keys", tablefmt="latex_booktabs", showindex=False)
-        return latex.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("—", "---")
+        return latex.replace("±", r"$\pm$").replace("Δ", r"$\Delta$").replace("—", "---").replace("→", r"$\to$")
     if fmt == "html":
         return tabulate(frame, headers="keys", tablefmt="html", showindex=False)
     raise SamfitError(f"--format {fmt}: choose one of {', '.join(FORMATS)}.")
