@@ -48,9 +48,9 @@ def _model_names() -> tuple[str, ...]:
 
 
 def _loss_names() -> tuple[str, ...]:
-    from samfit.losses import LOSSES, MASK_CLASSIFICATION
+    from samfit.losses import LOSSES, MULTICLASS_LOSSES
 
-    return (*LOSSES, MASK_CLASSIFICATION)
+    return (*LOSSES, *MULTICLASS_LOSSES)
 
 
 def setting(default, help: str, choices=None, minimum=None, positive=False, flag: str | None = None):

@@ -111,9 +111,11 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 MASK_CLASSIFICATION = "mask-classification"  # the loss of multi-class tasks (`mask_classification_loss`)
+MASK_CLASSIFICATION_OFFICIAL = "mask-classification-official"  # `mask_classification_loss_official`
+MULTICLASS_LOSSES = (MASK_CLASSIFICATION, MASK_CLASSIFICATION_OFFICIAL)
 
 # The loss `--protocol official` trains with in place of a dataset's default (the others are the official ones).
-OFFICIAL_LOSSES = {"structure": "structure-official"}
+OFFICIAL_LOSSES = {"structure": "structure-official", MASK_CLASSIFICATION: MASK_CLASSIFICATION_OFFICIAL}
 
 
 def protocol_loss(protocol: str, loss: str) -> str:
@@ -230,3 +232,88 @@ def semantic_targets(class_map, num_classes: int, ignore_index: int = 255) -> di
                           f"got {labels.tolist()}.")
     masks = (class_map[None] == labels[:, None, None]).float()
     return {"labels": labels, "masks": masks}
+
+
+# The official code's multi-class loss: HF transformers' Mask2FormerLoss as AutoGluon calls it (docs/reference.md,
+# Differences from the official code). Its terms are summed unweighted; the matcher weighs class 1, mask 5, dice 5.
+OFFICIAL_MATCH_WEIGHTS = (1.0, 5.0, 5.0)  # class, mask BCE, dice
+NUM_POINTS, OVERSAMPLE_RATIO, IMPORTANCE_RATIO = 12544, 3.0, 0.75
+
+
+def sample_points(maps: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """maps (N, 1, H, W), coords (N, P, 2) in [0, 1]² as (x, y) → (N, P): bilinear values, align_corners=False, zero
+    outside (so a point at a pixel centre reads that pixel exactly)."""
+    return F.grid_sample(maps, 2 * coords[:, :, None] - 1, align_corners=False)[:, 0, :, 0]
+
+
+def uniform_points(n: int, num_points: int, like: torch.Tensor, generator=None) -> torch.Tensor:
+    """(n, P, 2) points drawn uniformly from [0, 1]², on the device and in the dtype of `like`."""
+    return torch.rand(n, num_points, 2, device=like.device, dtype=like.dtype, generator=generator)
+
+
+def uncertain_points(logits: torch.Tensor, num_points: int, generator=None) -> torch.Tensor:
+    """Mask2Former's importance sampling: of OVERSAMPLE_RATIO·P uniform points keep the IMPORTANCE_RATIO·P with the
+    smallest |logit|, add uniform points to P. logits (N, 1, H, W) → coords (N, P, 2)."""
+    n = logits.shape[0]
+    drawn = uniform_points(n, int(num_points * OVERSAMPLE_RATIO), logits, generator)
+    uncertainty = -sample_points(logits, drawn).abs()
+    keep = int(IMPORTANCE_RATIO * num_points)
+    index = uncertainty.topk(keep, dim=1).indices
+    chosen = torch.gather(drawn, 1, index[..., None].expand(-1, -1, 2))
+    extra = uniform_points(n, num_points - keep, logits, generator)
+    return torch.cat([chosen, extra], dim=1)
+
+
+@torch.no_grad()
+def official_match(class_logits, mask_logits, labels, masks, num_points, generator=None):
+    """One image's matching on P uniform points shared by predictions and targets: cost = 1·(−p_class)
+    + 5·mean-point BCE + 5·dice, minimised by `linear_sum_assignment`."""
+    if labels.numel() == 0:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty.clone()
+    coords = uniform_points(1, num_points, mask_logits, generator)
+    t = sample_points(masks[:, None].to(mask_logits), coords.expand(masks.shape[0], -1, -1))
+    x = sample_points(mask_logits[:, None], coords.expand(mask_logits.shape[0], -1, -1))
+    cost_class = -class_logits.softmax(-1)[:, labels]
+    cost_bce = (F.softplus(-x) @ t.T + F.softplus(x) @ (1 - t).T) / num_points
+    p = x.sigmoid()
+    cost_dice = 1 - (2 * p @ t.T + 1) / (p.sum(-1)[:, None] + t.sum(-1)[None, :] + 1)
+    w_class, w_mask, w_dice = OFFICIAL_MATCH_WEIGHTS
+    cost = (w_mask * cost_bce + w_class * cost_class + w_dice * cost_dice).clamp(-1e10, 1e10).nan_to_num(0)
+    pred_idx, gt_idx = linear_sum_assignment(cost.cpu().numpy())
+    return torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(gt_idx, dtype=torch.int64)
+
+
+def mask_classification_loss_official(class_logits: torch.Tensor, mask_logits: torch.Tensor, targets: list[dict],
+                                      no_object_weight: float = 0.1, num_points: int = NUM_POINTS,
+                                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """The multi-class loss as the official code runs it: mask logits upsampled bilinearly to the targets' size,
+    matched by `official_match`, then L = CE (no-object weight 0.1) + (1/M)·Σ mean-point BCE + (1/M)·Σ dice on
+    `uncertain_points` of each matched pair, M the number of target masks (at least 1); the terms unweighted.
+    `generator` fixes the random points (default: torch's global generator, as the official code)."""
+    size = targets[0]["masks"].shape[-2:] if targets else mask_logits.shape[-2:]
+    dtype = torch.promote_types(mask_logits.dtype, torch.float32)  # 16-bit logits computed in float32
+    logits = F.interpolate(mask_logits.to(dtype), size=tuple(size), mode="bilinear", align_corners=False)
+    num_classes, device = class_logits.shape[-1] - 1, logits.device
+    target_classes = torch.full(class_logits.shape[:2], num_classes, dtype=torch.int64, device=device)
+    matched_logits, matched_masks = [], []
+    for b, target in enumerate(targets):
+        labels, masks = target["labels"].long().to(device), target["masks"].to(device, dtype)
+        pred_idx, gt_idx = official_match(class_logits[b].to(dtype), logits[b], labels, masks, num_points, generator)
+        pred_idx, gt_idx = pred_idx.to(device), gt_idx.to(device)
+        target_classes[b, pred_idx] = labels[gt_idx]
+        matched_logits.append(logits[b, pred_idx])
+        matched_masks.append(masks[gt_idx])
+    class_weight = torch.ones(num_classes + 1, device=device)
+    class_weight[-1] = no_object_weight
+    loss_ce = F.cross_entropy(class_logits.to(dtype).transpose(1, 2), target_classes, weight=class_weight.to(dtype))
+    num_masks = max(sum(t["labels"].numel() for t in targets), 1)
+    x, m = torch.cat(matched_logits)[:, None], torch.cat(matched_masks)[:, None]
+    with torch.no_grad():
+        coords = uncertain_points(x, num_points, generator)
+        point_labels = sample_points(m, coords)
+    point_logits = sample_points(x, coords)
+    loss_bce = F.binary_cross_entropy_with_logits(point_logits, point_labels, reduction="none").mean(1).sum()
+    p = point_logits.sigmoid()
+    loss_dice = (1 - (2 * (p * point_labels).sum(1) + 1) / (p.sum(1) + point_labels.sum(1) + 1)).sum()
+    return loss_ce + (loss_bce + loss_dice) / num_masks

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import uniform_filter
 
+from samfit import losses
 from samfit.errors import SamfitError
 from samfit.losses import (
     LOSSES, balanced_bce_loss, get_loss, hungarian_match, mask_classification_loss, protocol_loss,
@@ -86,9 +87,10 @@ def test_the_legacy_reduce_argument_is_a_mean():
     assert legacy.item() == pytest.approx(np_bce(logits.numpy(), target.numpy()).mean(), rel=1e-12)
 
 
-def test_the_official_protocol_swaps_only_the_structure_loss():
+def test_the_official_protocol_swaps_the_structure_and_mask_classification_losses():
     assert protocol_loss("official", "structure") == "structure-official"
-    for loss in ("balanced-bce", "bce", "dice", "mask-classification"):
+    assert protocol_loss("official", "mask-classification") == "mask-classification-official"
+    for loss in ("balanced-bce", "bce", "dice"):
         assert protocol_loss("official", loss) == loss
     for loss in (*LOSSES, "mask-classification"):
         assert protocol_loss("samfit", loss) == loss
@@ -253,3 +255,80 @@ def test_the_multiclass_segmenter_scores_with_semantic_inference():
                          mode="bilinear", align_corners=False)
     assert out["logits"].shape == (2, 3, 64, 64)
     assert torch.allclose(out["logits"], want, atol=1e-6)
+
+
+def pixel_centres(h, w):
+    """(1, H·W, 2) points at every pixel centre, (x, y) in [0, 1]²."""
+    ys, xs = torch.meshgrid((torch.arange(h, dtype=torch.float64) + 0.5) / h,
+                            (torch.arange(w, dtype=torch.float64) + 0.5) / w, indexing="ij")
+    return torch.stack([xs.flatten(), ys.flatten()], -1)[None]
+
+
+def test_points_at_pixel_centres_read_the_pixels_and_uncertain_points_are_the_least_certain():
+    maps = torch.randn(2, 1, 5, 7)
+    read = losses.sample_points(maps.double(), pixel_centres(5, 7).expand(2, -1, -1))
+    assert torch.allclose(read, maps.double().flatten(1), atol=1e-12), (read - maps.double().flatten(1)).abs().max()
+    n, points = 2, 40
+    chosen = losses.uncertain_points(maps, points, torch.Generator().manual_seed(3))
+    drawn = torch.rand(n, 120, 2, generator=torch.Generator().manual_seed(3))
+    keep = int(0.75 * points)
+    assert chosen.shape == (n, points, 2)
+    for i in range(n):
+        certainty = losses.sample_points(maps[i:i + 1], drawn[i:i + 1])[0].abs()
+        want = set(map(tuple, drawn[i][certainty.argsort()[:keep]].tolist()))
+        assert set(map(tuple, chosen[i, :keep].tolist())) == want
+
+
+def test_official_multiclass_loss_on_every_pixel_equals_the_unweighted_dense_formula(monkeypatch):
+    """With the points patched to every pixel centre, the official loss is the dense one: matching cost 1·class +
+    5·BCE + 5·dice (brute force over assignments), loss CE (no-object 0.1) + BCE + dice, unweighted, over the
+    number of target masks, on mask logits bilinearly upsampled to the targets' size."""
+    g = torch.Generator().manual_seed(7)
+    b, q, c, h, w = 2, 4, 3, 6, 6
+    class_logits = torch.randn(b, q, c + 1, generator=g, dtype=torch.float64)
+    mask_logits = torch.randn(b, q, 3, 3, generator=g, dtype=torch.float64) * 2
+    maps = [torch.randint(0, c, (h, w), generator=g) for _ in range(b)]
+    targets = [semantic_targets(m, c) for m in maps]
+    centres = pixel_centres(h, w)
+    monkeypatch.setattr(losses, "uniform_points", lambda n, p, like, generator=None: centres.expand(n, -1, -1))
+    monkeypatch.setattr(losses, "uncertain_points", lambda x, p, generator=None: centres.expand(len(x), -1, -1))
+    got = losses.mask_classification_loss_official(class_logits, mask_logits, targets, num_points=h * w).item()
+
+    up = F.interpolate(mask_logits, size=(h, w), mode="bilinear", align_corners=False).numpy().reshape(b, q, -1)
+    probs = torch.softmax(class_logits, -1).numpy()
+    target_classes = np.full((b, q), c)
+    bce_sum = dice_sum = 0.0
+    for i, t in enumerate(targets):
+        labels, masks = t["labels"].numpy(), t["masks"].numpy().reshape(len(t["labels"]), -1)
+        x, p = up[i], sigmoid(up[i])
+        bce = np.array([[np_bce(x[j], m).mean() for m in masks] for j in range(q)])
+        dice = np.array([[1 - (2 * (p[j] * m).sum() + 1) / (p[j].sum() + m.sum() + 1) for m in masks]
+                         for j in range(q)])
+        cost = -probs[i][:, labels] + 5 * bce + 5 * dice
+        best = min(itertools.permutations(range(q), len(labels)),
+                   key=lambda perm: sum(cost[perm[k], k] for k in range(len(labels))))
+        for k, j in enumerate(best):
+            target_classes[i, j] = labels[k]
+            bce_sum, dice_sum = bce_sum + bce[j, k], dice_sum + dice[j, k]
+    weight = np.ones(c + 1)
+    weight[-1] = 0.1
+    logp = torch.log_softmax(class_logits, -1).numpy()
+    nll = np.array([[-logp[i, j, target_classes[i, j]] for j in range(q)] for i in range(b)])
+    w_t = weight[target_classes]
+    ce = (w_t * nll).sum() / w_t.sum()
+    num_masks = sum(len(t["labels"]) for t in targets)
+    assert got == pytest.approx(ce + (bce_sum + dice_sum) / num_masks, rel=1e-9)
+
+
+def test_official_multiclass_loss_with_random_points_is_finite_seeded_and_trains():
+    g = torch.Generator().manual_seed(1)
+    class_logits = torch.randn(2, 6, 4, generator=g, requires_grad=True)
+    mask_logits = torch.randn(2, 6, 8, 8, generator=g, requires_grad=True)
+    targets = [semantic_targets(torch.randint(0, 3, (32, 32), generator=g), 3) for _ in range(2)]
+    first = losses.mask_classification_loss_official(class_logits, mask_logits, targets, num_points=500,
+                                                     generator=torch.Generator().manual_seed(0))
+    again = losses.mask_classification_loss_official(class_logits, mask_logits, targets, num_points=500,
+                                                     generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(first) and first.item() == again.item()
+    first.backward()
+    assert mask_logits.grad.abs().sum() > 0 and class_logits.grad.abs().sum() > 0

@@ -14,6 +14,7 @@ from samfit.config import PROTOCOL_SETTINGS, RunConfig, make_config
 from samfit.data import resolve_dataset
 from samfit.engine.step import NORM_TYPES, make_optimizer, no_decay_parameters
 from samfit.grid import load_grid
+from samfit.losses import protocol_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ("batch_size", "effective_batch", "eval_resolution", "decay_exclude", "loss")
@@ -161,7 +162,7 @@ def test_both_paper_grids_are_the_same_216_runs_under_their_protocol():
             ("official", 1, 4, "model", "bias-norm")
         assert (s.protocol, s.batch_size, s.effective_batch, s.eval_resolution, s.decay_exclude) == \
             ("samfit", 4, 4, "gt", "none")
-        assert o.loss == {"structure": "structure-official"}.get(s.loss, s.loss)
+        assert o.loss == protocol_loss("official", s.loss) and o.loss.endswith("-official") == (s.loss != "balanced-bce")
         assert o.run_name() == s.run_name() + "_official"
 
 
@@ -176,7 +177,7 @@ def test_paper_grid_dry_runs(tmp_path, file, protocol):
     rows = [line for line in proc.stdout.splitlines() if "_vit_h_1024_s" in line]
     assert len(rows) == 216
     if protocol == "official":
-        assert all("_official" in r and "protocol=official" in r for r in rows)
+        assert all("protocol=official" in r for r in rows)  # long run names wrap in the table
         assert any("isic2017_lora_vit_h_1024_s0_official" in r and "structure-official" in r for r in rows)
     else:
         assert not any("official" in r for r in rows)
@@ -184,16 +185,18 @@ def test_paper_grid_dry_runs(tmp_path, file, protocol):
 
 
 @pytest.mark.slow
-def test_a_binary_run_finishes_under_the_official_protocol_and_records_it(tmp_path, data_root, one_thread):
+@pytest.mark.parametrize("dataset, loss", [("shapes", "structure-official"),
+                                           ("shapes-multiclass", "mask-classification-official")])
+def test_a_run_finishes_under_the_official_protocol_and_records_it(tmp_path, data_root, one_thread, dataset, loss):
     from samfit.engine.train import run
 
-    cfg = make_config(None, protocol="official", dataset="shapes", image_size=64, epochs=2, limit_train=8,
+    cfg = make_config(None, protocol="official", dataset=dataset, image_size=64, epochs=2, limit_train=8,
                       limit_eval=4, device="cpu", out=str(tmp_path / "runs"))
     run_dir = run(cfg, quiet=True)
-    assert run_dir.name == "shapes_lora_tiny_64_s0_official"
+    assert run_dir.name == f"{dataset}_lora_tiny_64_s0_official"
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert bundle(config) == (1, 4, "model", "bias-norm", "structure-official") and config["protocol"] == "official"
+    assert bundle(config) == (1, 4, "model", "bias-norm", loss) and config["protocol"] == "official"
     assert metrics["protocol"] == "official" and metrics["eval_resolution"] == "model"
     assert 0 <= metrics["headline"]["value"] <= 1
     history = (run_dir / "history.csv").read_text().splitlines()

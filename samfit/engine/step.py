@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from samfit.errors import SamfitError
-from samfit.losses import get_loss, mask_classification_loss, semantic_targets
+from samfit.losses import (MASK_CLASSIFICATION_OFFICIAL, get_loss, mask_classification_loss,
+                           mask_classification_loss_official, semantic_targets)
 
 
 def pick_device(name: str) -> torch.device:
@@ -49,15 +50,18 @@ def autocast_for(precision: str, device: torch.device):
 
 def task_loss(task: str, num_classes: int, loss_name: str) -> Callable[[dict, torch.Tensor], torch.Tensor]:
     """loss(model output, targets): the named binary loss on the logits, or the mask-classification loss
-    (Hungarian matching of the queries to the ground-truth class masks) for multi-class tasks."""
+    (Hungarian matching of the queries to the ground-truth class masks; `mask-classification-official`: the
+    official code's form) for multi-class tasks."""
     if task == "binary":
         binary = get_loss(loss_name)
         return lambda out, targets: binary(out["logits"].float(), targets)
 
     def multiclass(out, targets):
         batch = [semantic_targets(t, num_classes) for t in targets]
-        return mask_classification_loss(out["class_logits"], out["mask_logits"], batch)
+        return set_loss(out["class_logits"], out["mask_logits"], batch)
 
+    set_loss = mask_classification_loss_official if loss_name == MASK_CLASSIFICATION_OFFICIAL else \
+        mask_classification_loss
     return multiclass
 
 
