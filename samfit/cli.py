@@ -78,14 +78,17 @@ def table(
     paper: bool = typer.Option(False, "--paper", help="Add the paper's published numbers and the difference."),
     reference: Optional[Path] = typer.Option(None, help="Published numbers CSV (default: benchmarks/paper_reference.csv)."),
     baseline: Optional[str] = typer.Option(None, help="Mark cells significantly better/worse than this method."),
+    select: Optional[List[str]] = typer.Option(None, "--select", help="Keep per method, dataset and seed the "
+                                               "value of this setting (e.g. lr) best on validation."),
     evals: bool = typer.Option(False, "--eval", help="Add `samfit evaluate`'s scores (RUN/eval/*.json) as columns."),
 ):
     """Summarise run folders: methods × datasets, headline metric mean ± std over seeds."""
     from samfit.report import collect_runs, comparison_grid, render, summarise
     from samfit.report.cli import marks_for
+    from samfit.report.select import apply_select
     from samfit.report.collect import with_evals
 
-    runs = collect_runs(folder)
+    runs = apply_select(collect_runs(folder), [folder], select, lambda text: err.print(text, highlight=False))
     summary = summarise(with_evals(runs, metric) if evals else runs, metric)
     marks, legend = marks_for(runs, baseline, metric) if baseline else ({}, None)
     grid = comparison_grid(summary, marks)

@@ -16,6 +16,8 @@ A grid file (see benchmarks/paper.yaml)::
         sbu: {batch_size: 2}
     exclude:                    # optional: drop the runs matching every key of one entry
       - {method: conv-lora, dataset: sbu}
+    select: [lr]                # optional: axes `samfit table/compare` select per method, dataset and seed on
+                                # the validation headline metric instead of showing (samfit/report/select.py)
 
 Precedence, lowest first: RunConfig defaults < the dataset's defaults in datasets.yaml (they fill only the
 fields still unset: image_size, epochs, lr, loss) < `defaults` < `overrides` (in the order of `axes`, so an
@@ -43,7 +45,7 @@ from samfit.config import FIELDS, RunConfig, check_keys, coerce
 from samfit.engine import rundir
 from samfit.errors import SamfitError, closest
 
-TOP_KEYS = ("name", "description", "out", "defaults", "axes", "overrides", "exclude")
+TOP_KEYS = ("name", "description", "out", "defaults", "axes", "overrides", "exclude", "select")
 NAMED_AXES = ("dataset", "method", "model", "image_size", "seed", "method_args.blocks",  # in RunConfig.run_name()
               "train_fraction")
 METHOD_ARG = "method_args."  # an axis over one method argument, e.g. `method_args.blocks: [all, "last:3"]`
@@ -59,6 +61,7 @@ class Grid:
     runs: list[RunConfig]  # resolved (dataset defaults filled in), with `name` set
     axes: dict[str, list]
     description: str = ""
+    select: list = field(default_factory=list)  # axes `samfit table/compare` select on validation, not show
 
 
 @dataclass
@@ -151,6 +154,10 @@ def load_grid(path: str | Path, out: str | None = None, overrides: dict | None =
     for i, rule in enumerate(exclude):
         _check_keys(f"{path}: exclude[{i}]", rule, list(axes), "axis")
     cli = _check_settings("--set", overrides or {}, axes)
+    select = data.get("select") or []
+    if not isinstance(select, list) or any(k not in axes or k in ("method", "dataset", "seed") for k in select):
+        raise SamfitError(f"{path}: `select` must list axes of this grid other than method, dataset and seed "
+                          f"(e.g. select: [lr]), got {select!r}.")
 
     out_dir = out or data.get("out") or str(Path("results") / (data.get("name") or path.stem))
     out_dir = str(Path(out_dir).expanduser().resolve())
@@ -186,7 +193,7 @@ def load_grid(path: str | Path, out: str | None = None, overrides: dict | None =
     if not runs:
         raise SamfitError(f"{path}: every run is excluded; nothing to do.")
     return Grid(name=data.get("name") or path.stem, path=path, out=out_dir, runs=runs, axes=axes,
-                description=data.get("description", ""))
+                description=data.get("description", ""), select=list(select))
 
 
 def comparable(config: dict) -> dict:
@@ -277,7 +284,7 @@ def write_summary(out_dir: str | Path, grid: Grid, runs: list[PlannedRun]) -> Pa
 
     path = Path(out_dir) / "grid.json"
     rundir.write_json(path, {
-        "grid": str(grid.path), "name": grid.name,
+        "grid": str(grid.path), "name": grid.name, "select": grid.select,
         "runs": [{"name": r.name, "state": r.state, "attempts": r.attempts, "error": r.error,
                   "seconds": r.seconds, **r.extra} for r in runs],
     })

@@ -54,6 +54,8 @@ def compare(
     confidence: float = typer.Option(0.95, "--confidence", help="CI level; 1 − it is the test's level."),
     resamples: int = typer.Option(2000, "--resamples", help="Bootstrap (and permutation) resamples."),
     seed: int = typer.Option(0, "--seed", help="Seed of the resampling."),
+    select: Optional[List[str]] = typer.Option(None, "--select", help="Keep per method, dataset and seed the "
+                                               "value of this setting (e.g. lr) best on validation."),
 ):
     """Paired comparison of every method with a baseline, per dataset and test set, over test images: the
     difference over common seeds, a bootstrap CI, a p-value (Wilcoxon, or permutation for pooled metrics),
@@ -63,7 +65,9 @@ def compare(
 
     if fmt not in FORMATS:
         raise SamfitError(f"--format {fmt}: choose one of {', '.join(FORMATS)}.")
-    runs = load_runs(results)
+    from samfit.report.select import apply_select
+
+    runs = apply_select(load_runs(results), results, select, lambda text: err.print(text, highlight=False))
     records, notes = compare_runs(runs, baseline, metric, Settings(confidence, resamples, seed))
     for note in notes:
         err.print(f"note: {note}", highlight=False)

@@ -38,7 +38,9 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
                    "train_img_per_s": m["throughput"]["train_img_per_s"],
                    "step_time_s": m["throughput"]["step_time_s"], "eval_img_per_s": m["throughput"]["eval_img_per_s"],
                    "peak_memory_mb": m["peak_memory_mb"], "device": m["device"],
-                   "path": str(path.parent.resolve()), "per_image": (path.parent / PER_IMAGE).is_file()}
+                   "path": str(path.parent.resolve()), "per_image": (path.parent / PER_IMAGE).is_file(),
+                   "train_fraction": m.get("train_fraction", 1.0),
+                   "selection_value": (m.get("selection") or {}).get("value")}  # the validation score
             row.update({k: v for k, v in scores.items() if isinstance(v, (int, float))})
             rows.append(row)
     if not rows:
@@ -73,6 +75,34 @@ def with_evals(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
         raise SamfitError(f"No `samfit evaluate` results{which} in these runs (no RUN/eval/<name>.json). Score a "
                           f"run first with `samfit evaluate RUN --dataset NAME|FOLDER|CSV`, or drop --eval.")
     return pd.concat([runs, pd.DataFrame(rows)], ignore_index=True)
+
+
+def run_setting(run_dir: str | Path, key: str):
+    """One setting of a run: from its config.yaml, else metrics.json, else RunConfig's default (a setting newer
+    than the run). `method_args.KEY` reads one method argument."""
+    import yaml
+
+    from samfit.config import RunConfig
+
+    run_dir = Path(run_dir)
+    try:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        saved = {}
+    if not saved:
+        try:
+            saved = json.loads((run_dir / "metrics.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            saved = {}
+    if key.startswith("method_args."):
+        args = saved.get("method_args") or {}
+        return args.get(key.partition(".")[2], "default") if isinstance(args, dict) else "default"
+    if key in saved:
+        return saved[key]
+    defaults = RunConfig.__dataclass_fields__
+    if key not in defaults:
+        raise SamfitError(f"--select {key}: not a run setting.")
+    return defaults[key].default
 
 
 def read_per_image(run_dir: str | Path, test_set: str) -> pd.DataFrame:
