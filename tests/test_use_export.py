@@ -90,6 +90,7 @@ def test_adapter_format_and_refusals(vit_b_run, tmp_path, cli):
     metrics = json.loads((folder / "metrics.json").read_text())
     assert meta["method"] == "lora" and json.loads(meta["method_args"]) == {}
     assert meta["sam_checkpoint_md5"] == metrics["sam_checkpoint"]["md5"] and len(meta["sam_checkpoint_md5"]) == 32
+    assert meta["sam_checkpoint_path"] == metrics["sam_checkpoint"]["path"]  # where load_run(adapter) looks first
     assert out.stat().st_size < 20 * 2**20  # the trained parameters only, not SAM's 90M
     code, _, message = cli("export", folder, "--format", "sam", "--out", checkpoint)
     assert code == 2 and "is the SAM checkpoint" in message

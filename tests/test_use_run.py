@@ -192,3 +192,50 @@ def test_multiclass_predict_writes_palette_class_maps_scoring_as_the_run(tmp_pat
     expected = json.loads((folder / "metrics.json").read_text())["scores"]["test"]
     result = evaluator.compute()
     assert result["miou"] == expected["miou"]
+
+
+@whole_run
+def test_load_run_takes_the_adapter_file_in_place_of_the_run_folder(trained, tmp_path, cli):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder, data_dir = trained
+    adapter = tmp_path / "lora.safetensors"
+    code, _, message = cli("export", folder, "--format", "adapter", "--out", adapter)
+    assert code == 0, message
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = samfit.load_run(folder, device="cpu")(x)["logits"]
+        assert torch.equal(samfit.load_run(adapter, device="cpu")(x)["logits"], expected)
+        with safe_open(str(adapter), "pt") as f:  # the random tiny SAM is redrawn from the recorded seed
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        config = json.loads(meta["config"])
+        other = tmp_path / "other_seed.safetensors"
+        save_file(tensors, str(other), {**meta, "config": json.dumps({**config, "seed": config["seed"] + 1})})
+        assert not torch.equal(samfit.load_run(other, device="cpu")(x)["logits"], expected)
+    image = first_images(data_dir)[0]
+    code, out, message = cli("predict", adapter, image, "--out", tmp_path / "pred", "--device", "cpu")
+    assert code == 0, message
+    assert (tmp_path / "pred" / "masks" / f"{image.stem}.png").is_file()
+
+
+def test_files_that_are_not_adapters_are_refused(tmp_path, cli):
+    from safetensors.torch import save_file
+
+    from samfit.config import RunConfig
+
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(SamfitError, match="not a readable safetensors file"):
+        samfit.load_run(tmp_path / "junk.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(SamfitError, match="not a samfit adapter"):
+        samfit.load_run(tmp_path / "plain.safetensors")
+    code, _, message = cli("evaluate", tmp_path / "plain.safetensors", "--dataset", "shapes")
+    assert code == 2 and "is a file (an adapter?)" in message and "samfit predict" in message
+    sam = tmp_path / "sam_vit_b_custom.pth"  # an adapter whose SAM checkpoint is another file: named, with its MD5
+    sam.write_bytes(b"other weights")
+    meta = {"format": "samfit-adapter", "config": json.dumps(RunConfig(model="vit_b", image_size=64).to_dict()),
+            "sam_checkpoint_md5": "0" * 32, "sam_checkpoint_path": str(sam)}
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "vit_b.safetensors"), meta)
+    with pytest.raises(SamfitError, match=r"sam_vit_b_custom.pth has MD5 [0-9a-f]{32}, but run .* MD5 0{32}"):
+        samfit.load_run(tmp_path / "vit_b.safetensors")

@@ -23,7 +23,8 @@ def _check_choice(option: str, value: str, key: str) -> None:
 
 
 def predict(
-    run: Path = typer.Argument(..., help="A finished run folder (holding config.yaml, metrics.json, checkpoints/)."),
+    run: Path = typer.Argument(..., help="A finished run folder (holding config.yaml, metrics.json, checkpoints/), "
+                                         "or its `samfit export --format adapter` file."),
     images: List[str] = typer.Argument(..., help="Image folders, files or glob patterns (quoted)."),
     out: Path = typer.Option(..., "--out", help="Folder for masks/ (and overlays/, probabilities/); never among "
                                                 "the inputs."),

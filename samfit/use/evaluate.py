@@ -32,8 +32,12 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
     from samfit.engine.step import autocast_for, resolve_precision
     from samfit.use.load import load_run
 
+    run_dir = Path(run_dir).expanduser()
+    if run_dir.is_file():
+        raise SamfitError(f"{run_dir} is a file (an adapter?), but evaluate writes RUN/eval/<name>.json into a run "
+                          f"folder. Give the run folder; to segment images with the file, use `samfit predict "
+                          f"{run_dir} IMAGES --out DIR`.")
     model = load_run(run_dir, device=device)
-    run_dir = Path(run_dir)
     spec = resolve_dataset(dataset, datasets_file)
     if spec.num_classes != model.num_classes:
         kind = "binary" if model.num_classes == 1 else f"{model.num_classes} classes"

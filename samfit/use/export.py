@@ -11,7 +11,8 @@ official sam_vit_*.pth, so `segment_anything.sam_model_registry[variant](checkpo
 - prompt encoder: the source checkpoint's (frozen in every run).
 
 `--format adapter` (every method): a safetensors file of the trained parameters only (checkpoints/best.pt), with
-the method, its settings, the run's settings and the SAM checkpoint's MD5 in its metadata.
+the method, its settings, the run's settings and the SAM checkpoint's MD5 and path in its metadata;
+`samfit.load_run` (and so predict and export) takes the file in place of the run folder (samfit/use/adapter.py).
 """
 from __future__ import annotations
 
@@ -93,15 +94,16 @@ def adapter_tensors(run_dir) -> tuple[dict, dict]:
     import dataclasses
     from importlib.metadata import version
 
+    from samfit.use.adapter import FORMAT
     from samfit.use.load import read_run
 
     record = read_run(run_dir)
     cfg = record.config
     checkpoint = record.metrics.get("sam_checkpoint") or {}
-    meta = {"format": "samfit-adapter", "samfit": version("samfit"), "method": cfg.method,
+    meta = {"format": FORMAT, "samfit": version("samfit"), "method": cfg.method,
             "method_args": json.dumps(cfg.method_args, sort_keys=True), "model": cfg.model,
             "image_size": str(cfg.image_size), "num_classes": str(record.num_classes),
-            "sam_checkpoint_md5": checkpoint.get("md5", ""),
+            "sam_checkpoint_md5": checkpoint.get("md5", ""), "sam_checkpoint_path": checkpoint.get("path", ""),
             "config": json.dumps(dataclasses.asdict(cfg), sort_keys=True)}
     return {k: v.contiguous() for k, v in record.best.items()}, meta
 

@@ -1,4 +1,5 @@
-"""`load_run`: the trained Segmenter of a finished run folder, rebuilt from its own record.
+"""`load_run`: the trained Segmenter of a finished run folder (or of its `samfit export --format adapter` file,
+samfit/use/adapter.py), rebuilt from its own record.
 
 config.yaml gives the settings (`RunConfig(**yaml)`), `build_model_for` the model exactly as the run built it:
 SAM from the checkpoint the run used (metrics.json's `sam_checkpoint`: path and MD5, checked), or, for a variant
@@ -41,13 +42,23 @@ class RunRecord:
         return self.best[max(biases, key=lambda k: int(k.split(".")[-2]))].shape[0] - 1
 
     @property
+    def best_file(self) -> Path:
+        """Where the trained parameters came from: checkpoints/best.pt, or the adapter file itself."""
+        return self.folder if self.folder.is_file() else self.folder / "checkpoints" / "best.pt"
+
+    @property
     def num_queries(self) -> int:
         return self.best["mask_decoder.mask_tokens.weight"].shape[0]
 
 
 def read_run(run_dir: str | Path) -> RunRecord:
-    """A finished run folder's settings, record and best parameters; a clear error for anything else."""
+    """A finished run folder's (or an adapter file's) settings, record and best parameters; a clear error for
+    anything else."""
     folder = Path(run_dir).expanduser()
+    if folder.is_file():
+        from samfit.use.adapter import read_adapter
+
+        return RunRecord(*read_adapter(folder))
     if not folder.is_dir():
         raise SamfitError(f"Run folder {folder} does not exist. Give the folder `samfit run` wrote (under "
                           f"results/ or --out), the one holding config.yaml and metrics.json.")
@@ -142,7 +153,7 @@ def _resize_trained(best: dict, model: torch.nn.Module, image_size: int, global_
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "auto", image_size: int | None = None):
-    """The trained Segmenter of a finished run, in eval mode on `device` ("auto": CUDA when present), at the run's
+    """The trained Segmenter of a finished run (its folder or its adapter file), in eval mode on `device` ("auto": CUDA when present), at the run's
     input size or at `image_size` (a multiple of 16; positions interpolated)."""
     from samfit.engine.sampling import rng_state, set_rng_state
 
@@ -189,7 +200,7 @@ def _load(record: RunRecord, device, image_size):
     missing_trained = [n for n, p in model.named_parameters() if p.requires_grad and n not in best]
     unexpected = [k for k in best if k not in model.state_dict()]
     if missing_trained or unexpected:
-        raise SamfitError(f"{record.folder / 'checkpoints' / 'best.pt'} does not fit the model its config.yaml "
+        raise SamfitError(f"{record.best_file} does not fit the model its config.yaml "
                           f"builds (missing {missing_trained[:3]}, unexpected {unexpected[:3]}): the method's code "
                           f"changed since the run. Re-run it with this samfit version.")
     model.load_state_dict(best, strict=False)
