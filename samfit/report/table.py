@@ -22,7 +22,8 @@ def summarise(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     keys = ["method", "dataset", "test_set", "model", "metric", "lower_is_better"]
     grouped = runs.groupby(keys, sort=False).agg(
         mean=("value", "mean"), std=("value", "std"), seeds=("seed", "nunique"),
-        trainable=("trainable", "first"), percent_of_sam=("percent_of_sam", "first"),
+        trainable=("trainable", "first"), encoder_trainable=("encoder_trainable", "first"),
+        percent_of_sam=("percent_of_sam", "first"),
         step_time_s=("step_time_s", "median"), peak_memory_mb=("peak_memory_mb", "median")).reset_index()
     grouped["std"] = grouped["std"].fillna(0.0)
     rank = {m: i for i, m in enumerate(ORDER)}
