@@ -110,3 +110,27 @@ def test_a_fraction_run_records_it(tmp_path, data_root, one_thread):
     assert metrics["train_fraction"] == 0.5 and metrics["run"] == folder.name
     spec_train = selection_pairs(DatasetSpec(name="shapes"), data_root / "shapes")[0]
     assert metrics["train_images"] == round(0.5 * len(spec_train))
+
+
+def test_reports_keep_fractions_apart(tmp_path):
+    from samfit.report.collect import collect_runs
+    from samfit.report.table import summarise
+
+    for fraction in (0.5, 1.0, None):  # None: a run made before --train-fraction, on all of train
+        folder = tmp_path / f"shapes_lora_f{fraction}"
+        folder.mkdir()
+        metrics = {"method": "lora", "dataset": "shapes", "model": "tiny", "image_size": 64, "seed": 0,
+                   "device": "cpu", "headline": {"metric": "iou", "lower_is_better": False, "value": 0.5,
+                                                 "split": "test"},
+                   "scores": {"test": {"iou": 0.5}}, "params": {"trainable": 1, "encoder_trainable": 0,
+                                                                "percent_of_sam": 1.0},
+                   "throughput": {"train_img_per_s": 1, "step_time_s": 1, "eval_img_per_s": 1},
+                   "peak_memory_mb": 1}
+        if fraction is not None:
+            metrics["train_fraction"] = fraction
+        (folder / "metrics.json").write_text(json.dumps(metrics))
+    runs = collect_runs(tmp_path)
+    assert sorted(runs["dataset"]) == ["shapes", "shapes", "shapes@f0.5"]
+    assert sorted(runs["train_fraction"]) == [0.5, 1.0, 1.0]
+    summary = summarise(runs)
+    assert sorted(zip(summary["dataset"], summary["seeds"])) == [("shapes", 1), ("shapes@f0.5", 1)]

@@ -30,7 +30,7 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
             raise SamfitError(f"Unreadable results file {path}: {exc}. Delete it or re-run that run.") from None
         for split, scores in m["scores"].items():
             row = {"run": str(path.parent.relative_to(root)) or ".", "method": method_label(m["method"], m.get("method_args")),
-                   "dataset": m["dataset"],
+                   "dataset": fraction_label(m["dataset"], m.get("train_fraction", 1.0)),
                    "test_set": split, "model": m["model"], "image_size": m["image_size"], "seed": m["seed"],
                    "headline": m["headline"]["metric"], "lower_is_better": m["headline"]["lower_is_better"],
                    "trainable": m["params"]["trainable"], "encoder_trainable": m["params"]["encoder_trainable"],
@@ -75,6 +75,12 @@ def with_evals(runs: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
         raise SamfitError(f"No `samfit evaluate` results{which} in these runs (no RUN/eval/<name>.json). Score a "
                           f"run first with `samfit evaluate RUN --dataset NAME|FOLDER|CSV`, or drop --eval.")
     return pd.concat([runs, pd.DataFrame(rows)], ignore_index=True)
+
+
+def fraction_label(dataset: str, fraction: float) -> str:
+    """A dataset as tables, comparisons and plots key it: with the share of train when below 1
+    ('polyp@f0.25'), so runs on different fractions are never averaged or paired together."""
+    return dataset if fraction >= 1 else f"{dataset}@f{fraction:g}"
 
 
 def run_setting(run_dir: str | Path, key: str):
