@@ -84,3 +84,25 @@ def test_repel_separates_labels_printed_on_one_spot():
     boxes = [t.get_window_extent(fig.canvas.get_renderer()) for t in texts]
     assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     plt.close(fig)
+
+
+def test_data_efficiency_curves_and_their_area(tmp_path):
+    from samfit.report.plot import fraction_curves
+
+    rows = []
+    for fraction, lora, bitfit in ((0.1, 0.5, 0.4), (0.5, 0.7, 0.6), (1.0, 0.8, 0.9)):
+        dataset = "polyp" if fraction == 1 else f"polyp@f{fraction:g}"
+        for method, score in (("lora", lora), ("bitfit", bitfit)):
+            rows.append({"method": method, "dataset": dataset, "test_set": "kvasir", "model": "vit_b",
+                         "metric": "s_measure", "lower_is_better": False, "mean": score, "std": 0.01, "seeds": 2,
+                         "trainable": 1, "encoder_trainable": 1, "percent_of_sam": 1.0, "step_time_s": 0.1,
+                         "peak_memory_mb": 1.0})
+    frame = pd.DataFrame(rows)
+    curves = fraction_curves(frame).set_index("method")
+    assert curves.loc["lora", "fractions"] == [0.1, 0.5, 1.0]
+    # trapezoid by hand: (0.4 * 0.6 + 0.5 * 0.75) / 0.9
+    assert curves.loc["lora", "auc"] == pytest.approx((0.4 * 0.6 + 0.5 * 0.75) / 0.9)
+    assert curves.loc["bitfit", "auc"] == pytest.approx((0.4 * 0.5 + 0.5 * 0.75) / 0.9)
+    paths = plot_summary(frame, tmp_path)
+    assert (tmp_path / "polyp_kvasir_s_measure_vs_fraction.png") in paths
+    assert fraction_curves(summary()).empty  # one fraction: no curve

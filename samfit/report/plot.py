@@ -16,6 +16,8 @@ import pandas as pd
 
 from samfit.report.table import column_label, display_scale
 
+FRACTION = re.compile(r"^(?P<dataset>.*)@f(?P<fraction>[0-9.e-]+)$")  # collect's 'polyp@f0.25'
+
 # (summary column, axis label, scale, file suffix, log axis)
 AXES = (("encoder_trainable", "encoder-side trainable parameters", 1.0, "params", True),
         ("step_time_s", "training step time (s, median)", 1.0, "step_time", False))
@@ -103,8 +105,63 @@ def repel_labels(ax, texts, iterations: int = 300, pad: float = 2.0, points=()) 
     return left
 
 
+def fraction_curves(summary: pd.DataFrame) -> pd.DataFrame:
+    """Data efficiency: per (dataset, test set, metric, method, model) run at two or more train fractions, the
+    fractions, the means and stds over seeds, and the area under the metric-vs-fraction curve (trapezoid on a
+    linear fraction axis, divided by the fraction range: the curve's mean value)."""
+    frame = summary.copy()
+    parsed = frame["dataset"].map(lambda d: FRACTION.match(d))
+    frame["base"] = [m.group("dataset") if m else d for m, d in zip(parsed, frame["dataset"])]
+    frame["fraction"] = [float(m.group("fraction")) if m else 1.0 for m in parsed]
+    rows = []
+    for key, group in frame.groupby(["base", "test_set", "metric", "method", "model"], sort=False):
+        if group["fraction"].nunique() < 2:
+            continue
+        group = group.sort_values("fraction")
+        f, y = group["fraction"].to_numpy(), group["mean"].to_numpy()
+        auc = float(np.sum((f[1:] - f[:-1]) * (y[1:] + y[:-1]) / 2) / (f[-1] - f[0]))
+        rows.append({**dict(zip(["dataset", "test_set", "metric", "method", "model"], key)),
+                     "lower_is_better": bool(group["lower_is_better"].iloc[0]), "fractions": f.tolist(),
+                     "means": y.tolist(), "stds": group["std"].to_numpy().tolist(), "auc": auc})
+    return pd.DataFrame(rows)
+
+
+def plot_fractions(summary: pd.DataFrame, out_dir: Path, plt) -> list[Path]:
+    """One PNG per (dataset, test set, metric) with runs at several train fractions: a curve per method (log
+    fraction axis, error bars over seeds), the area under each curve in the legend."""
+    curves = fraction_curves(summary)
+    written = []
+    if curves.empty:
+        return written
+    for (dataset, test_set, metric), group in curves.groupby(["dataset", "test_set", "metric"], sort=False):
+        factor, digits = display_scale(metric)
+        fig, ax = plt.subplots(figsize=(7.0, 4.8), dpi=110)
+        for _, c in group.sort_values("auc", ascending=bool(group["lower_is_better"].iloc[0])).iterrows():
+            name = c["method"] if group["model"].nunique() == 1 else f"{c['method']} ({c['model']})"
+            ax.errorbar(c["fractions"], np.array(c["means"]) * factor, yerr=np.array(c["stds"]) * factor,
+                        marker="o", capsize=3, label=f"{name}: area {c['auc'] * factor:.{digits}f}")
+        ax.set_xscale("log")
+        ticks = sorted({f for fs in group["fractions"] for f in fs})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+        label = column_label((dataset, test_set, metric))
+        ax.set_xlabel("share of the training split (log)")
+        ax.set_ylabel(f"{metric}{' ×100' if factor == 100 else ''}")
+        ax.set_title(f"{label} vs training data (mean ± std over seeds)", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="area under the curve (linear fraction axis, ÷ its range)", title_fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{slug(label)}_vs_fraction.png"
+        fig.savefig(path)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
 def plot_summary(summary: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write two PNGs per (dataset, test set, metric); returns their paths."""
+    """Write two PNGs per (dataset, test set, metric), and a data-efficiency PNG per one run at several train
+    fractions; returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -172,4 +229,4 @@ def plot_summary(summary: pd.DataFrame, out_dir: str | Path) -> list[Path]:
             fig.savefig(path)
             plt.close(fig)
             written.append(path)
-    return written
+    return written + plot_fractions(summary, out_dir, plt)
