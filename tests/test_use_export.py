@@ -4,6 +4,7 @@ trained one step at 64 px) exported as a plain SAM checkpoint that segment_anyth
 import json
 import shutil
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -108,3 +109,47 @@ def test_adapter_format_and_refusals(vit_b_run, tmp_path, cli):
         assert code == 2 and "not there any more" in message and "samfit weights download vit_b" in message
     finally:
         shutil.move(moved, checkpoint)
+
+
+@pytest.mark.slow  # ViT-B at 1024 px: three image encodings (~15 s each here)
+def test_box_prompts_score_sams_own_decoder_on_both_encoders(vit_b_run, tmp_path, cli):
+    from samfit.use.promptable import component_boxes
+
+    folder, checkpoint, source = vit_b_run
+    data = folder.parents[1] / "data" / "shapes"
+    code, _, message = cli("evaluate", folder, "--dataset", data, "--prompts", "box", "--limit", 1, "--device", "cpu")
+    assert code == 0, message
+    result = json.loads((folder / "eval" / "shapes_box.json").read_text())
+    test = result["scores"]["test"]
+    assert result["prompts"] == "box" and result["headline"]["metric"] == "iou" and result["images"] == {"test": 1}
+    assert all(0 <= test[k] <= 1 for k in ("iou", "dice", "sam_iou", "sam_dice"))
+    assert test["iou_change"] == pytest.approx(test["iou"] - test["sam_iou"])
+    # The adapted side is SamPredictor on the exported checkpoint's encoder (a mergeable method: the same merged
+    # encoder) with SAM's original decoder (the export writes the trained decoder parts in; SAM's own is scored)
+    code, _, message = cli("export", folder, "--format", "sam", "--out", tmp_path / "sam.pth")
+    assert code == 0, message
+    state = torch.load(tmp_path / "sam.pth", weights_only=True)
+    state.update({k: v for k, v in source.items() if k.startswith("mask_decoder.")})
+    sam = sam_model_registry["vit_b"]()
+    sam.load_state_dict(state)
+    image_path = sorted((data / "test" / "images").iterdir())[0]
+    gt = cv2.imread(str(data / "test" / "masks" / f"{image_path.stem}.png"), cv2.IMREAD_UNCHANGED) > 127
+    boxes = component_boxes(gt)
+    assert len(boxes) >= 1 and boxes[0][2] >= boxes[0][0]
+    predictor = SamPredictor(sam.eval())
+    predictor.set_image(np.ascontiguousarray(cv2.imread(str(image_path))[..., ::-1]))
+    union = np.zeros_like(gt)
+    for box in boxes:
+        masks, _, _ = predictor.predict(box=box, multimask_output=False)
+        union |= masks[0]
+    inter = (union & gt).sum()
+    assert test["iou"] == pytest.approx(inter / (union | gt).sum(), abs=1e-6)
+    tiny = tmp_path / "tiny_run"  # a run without SAM weights: refused before anything is built
+    (tiny / "checkpoints").mkdir(parents=True)
+    (tiny / "config.yaml").write_text(yaml.safe_dump(make_config(method="lora", dataset="shapes", model="tiny",
+                                                                 image_size=64).to_dict()))
+    (tiny / "status.json").write_text(json.dumps({"status": "done"}))
+    (tiny / "metrics.json").write_text("{}")
+    torch.save({}, tiny / "checkpoints" / "best.pt")
+    code, _, message = cli("evaluate", tiny, "--dataset", data, "--prompts", "box")
+    assert code == 2 and "--prompts box needs a vit_b, vit_l or vit_h run" in message

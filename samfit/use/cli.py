@@ -70,13 +70,16 @@ def evaluate(
     precision: str = typer.Option("auto", help=PRECISIONS),
     datasets_file: Optional[str] = typer.Option(None, help="Extra dataset registry (YAML)."),
     data_root: Optional[str] = typer.Option(None, help="Data root (default: $SAMFIT_DATA)."),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="box: SAM's own promptable decoder, one box per "
+                                          "ground-truth object, on the adapted and on plain SAM's encoder (vit_*)."),
 ):
     """Score a finished run on another dataset or test folder: RUN/eval/<name>.json (metrics.json untouched)."""
     from samfit.use.evaluate import evaluate_run, headline_line
 
     _check_choice("--precision", precision, "precision")
     path = evaluate_run(run, dataset, split, name=name, datasets_file=datasets_file, data_root=data_root,
-                        batch_size=batch_size, device=device, precision=precision, limit=limit, console=err)
+                        batch_size=batch_size, device=device, precision=precision, limit=limit, console=err,
+                        prompts=prompts)
     console.print(f"[green]wrote[/] {path}: {headline_line(path)}", highlight=False)
 
 

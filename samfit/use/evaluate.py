@@ -24,27 +24,34 @@ def _available_splits(spec, folder: Path) -> list[str]:
 def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: str | None = None,
                  datasets_file: str | None = None, data_root: str | None = None, batch_size: int | None = None,
                  device: str = "auto", precision: str = "auto", limit: int | None = None,
-                 console: Console | None = None) -> Path:
-    """Score the run on `dataset` (a registry name, a canonical folder or a CSV); returns the JSON's path."""
+                 console: Console | None = None, prompts: str | None = None) -> Path:
+    """Score the run on `dataset` (a registry name, a canonical folder or a CSV); returns the JSON's path.
+    `prompts="box"`: SAM's promptable decoder on the adapted and on plain SAM's encoder (samfit/use/promptable.py),
+    written to <name>.json (default name: '<dataset>_box')."""
     from samfit.data import SegmentationFolder, ensure_available, resolve_dataset, split_pairs
     from samfit.engine import rundir
     from samfit.engine.evaluate import make_evaluator, per_image_rows, predict_batches, score_at
-    from samfit.engine.step import autocast_for, resolve_precision
-    from samfit.use.load import load_run
+    from samfit.engine.step import autocast_for, pick_device, resolve_precision
+    from samfit.use.load import load_run, read_run
+    from samfit.use.promptable import PROMPTS, evaluate_prompts
 
     run_dir = Path(run_dir).expanduser()
     if run_dir.is_file():
         raise SamfitError(f"{run_dir} is a file (an adapter?), but evaluate writes RUN/eval/<name>.json into a run "
                           f"folder. Give the run folder; to segment images with the file, use `samfit predict "
                           f"{run_dir} IMAGES --out DIR`.")
-    model = load_run(run_dir, device=device)
+    if prompts is not None and prompts not in PROMPTS:
+        raise SamfitError(f"--prompts {prompts!r}: choose {', '.join(PROMPTS)} (one box per ground-truth object), "
+                          f"or leave it out to score the run's own decoder.")
+    record = read_run(run_dir)
+    model = None if prompts else load_run(run_dir, device=device)
     spec = resolve_dataset(dataset, datasets_file)
-    if spec.num_classes != model.num_classes:
-        kind = "binary" if model.num_classes == 1 else f"{model.num_classes} classes"
+    if spec.num_classes != record.num_classes:
+        kind = "binary" if record.num_classes == 1 else f"{record.num_classes} classes"
         raise SamfitError(
             f"Run {run_dir} segments {kind}, but dataset '{spec.name}' is {spec.task} with {len(spec.classes)} "
             f"classes ({', '.join(spec.classes)}). Evaluate it on a dataset of the same task and classes.")
-    name = name or spec.name
+    name = name or (f"{spec.name}_{prompts}" if prompts else spec.name)
     if not name or "/" in name or name.startswith("."):
         raise SamfitError(f"--name {name!r}: give a plain file name (no '/', not starting with '.').")
     folder = ensure_available(spec, data_root)
@@ -58,15 +65,18 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
         raise SamfitError(f"--batch-size {batch_size}: must be >= 1.")
     if limit is not None and limit < 1:
         raise SamfitError(f"--limit {limit}: must be >= 1.")
-    cfg = dataclasses.replace(model.run_config, batch_size=batch_size or model.run_config.batch_size,
-                              num_workers=0)
-    dev = next(model.parameters()).device
-    autocast = autocast_for(precision, dev)[0]
+    cfg = dataclasses.replace(record.config, batch_size=batch_size or record.config.batch_size, num_workers=0)
     scores, rows, counts = {}, [], {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console or Console(stderr=True), transient=True,
                   disable=console is None) as progress:
-        for split in splits:
+        if prompts:
+            scores, rows, counts = evaluate_prompts(record, spec, folder, splits, device, limit, progress)
+            spec = dataclasses.replace(spec, headline="iou", lower_is_better=False)
+        else:
+            dev = next(model.parameters()).device
+            autocast = autocast_for(precision, dev)[0]
+        for split in ([] if prompts else splits):
             data = SegmentationFolder(split_pairs(spec, folder, split), cfg.image_size, spec.task, spec.num_classes,
                                       limit=limit)
             evaluator = make_evaluator(spec)
@@ -94,12 +104,15 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
     import pandas as pd
 
     rundir.write_text(out.with_name(f"{name}_images.csv"), pd.DataFrame(rows).to_csv(index=False))
+    dev = next(model.parameters()).device if model is not None else pick_device(device)
     rundir.write_json(out, {
-        "run": model.run_config.run_name(), "dataset": spec.name, "source": str(dataset), "task": spec.task,
+        "run": record.config.run_name(), "dataset": spec.name, "prompts": prompts, "source": str(dataset),
+        "task": spec.task,
         "headline": {"metric": spec.headline, "lower_is_better": spec.lower_is_better,
                      "value": scores[splits[0]].get(spec.headline), "split": splits[0]},
-        "scores": scores, "images": counts, "eval_resolution": cfg.eval_resolution,
-        "image_size": cfg.image_size, "precision": resolve_precision(precision, dev), "device": str(dev),
+        "scores": scores, "images": counts, "eval_resolution": "image" if prompts else cfg.eval_resolution,
+        "image_size": 1024 if prompts else cfg.image_size, "device": str(dev),
+        "precision": "fp32" if prompts else resolve_precision(precision, dev),
         "per_image": out.with_name(f"{name}_images.csv").name})
     return out
 

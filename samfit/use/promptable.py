@@ -1,0 +1,129 @@
+"""What SAM kept: `samfit evaluate RUN --dataset X --prompts box`.
+
+SAM's own promptable model (segment_anything's Sam: the original prompt encoder and the whole, uncut mask decoder
+from the SAM checkpoint the run used) is run twice per image through SamPredictor: with the run's adapted image
+encoder (at 1024 px, position tables from the checkpoint; a mergeable method merged first, so the encoder is the
+one `samfit export --format sam` writes) and with plain SAM's encoder. The prompts are one box per connected
+component of the ground truth (cv2.connectedComponentsWithStats, 8-connectivity; the box is the component's
+inclusive pixel extent, XYXY), one mask per box (multimask_output=False), the image's prediction the union of its
+masks. Scores per split: per-image IoU and Dice averaged over the images with foreground, for the adapted
+encoder (`iou`, `dice`), for SAM's (`sam_iou`, `sam_dice`) and their differences (`iou_change`, `dice_change`: the
+gain, or forgetting when negative, that fine-tuning caused). Binary runs of vit_b/l/h only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from samfit.errors import SamfitError
+
+PROMPTS = ("box",)
+SAM_SIZE = 1024  # SamPredictor's input size: the one the prompt encoder and decoder were trained at
+
+
+class _Encoder(torch.nn.Module):
+    """An image encoder as segment_anything's Sam expects it (an `img_size` attribute)."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder, self.img_size = encoder, SAM_SIZE
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)
+
+
+def component_boxes(gt: np.ndarray) -> np.ndarray:
+    """(N, 4) XYXY boxes, one per 8-connected foreground component of a binary mask (inclusive extents)."""
+    count, _, stats, _ = cv2.connectedComponentsWithStats(gt.astype(np.uint8), connectivity=8)
+    x, y, w, h = (stats[1:, i] for i in range(4))
+    return np.stack([x, y, x + w - 1, y + h - 1], axis=1).astype(np.float32) if count > 1 else np.zeros((0, 4))
+
+
+def _scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
+    inter, total = float((pred & gt).sum()), float(pred.sum() + gt.sum())
+    return inter / (total - inter), 2 * inter / total  # gt has foreground: total > 0
+
+
+def sam_models(record, device: torch.device):
+    """(SAM with the run's adapted encoder, plain SAM), both in eval mode on `device`."""
+    from segment_anything import sam_model_registry
+    from segment_anything.modeling import Sam
+
+    from samfit.methods import get_method
+    from samfit.model.sam import get_variant, load_sam_state
+    from samfit.use.load import load_run, run_checkpoint
+
+    cfg = record.config
+    if not get_variant(cfg.model).has_weights:
+        raise SamfitError(f"Run {record.folder} used model '{cfg.model}', which has no SAM checkpoint with a prompt "
+                          f"encoder and promptable decoder to test. --prompts box needs a vit_b, vit_l or vit_h run; "
+                          f"drop --prompts to score the run's own decoder.")
+    if record.num_classes > 1:
+        raise SamfitError(f"Run {record.folder} is multi-class; SAM's promptable decoder segments one object per "
+                          f"box. --prompts box needs a binary run.")
+    plain = sam_model_registry[cfg.model]()
+    plain.load_state_dict(load_sam_state(run_checkpoint(record), cfg.model))
+    model = load_run(record.folder, device="cpu", image_size=SAM_SIZE)
+    method = get_method(cfg.method, **cfg.method_args)
+    if method.mergeable:  # plain SAM's cost, and the very encoder `samfit export --format sam` writes
+        model = method.merge(model)
+    adapted = Sam(_Encoder(model.image_encoder), plain.prompt_encoder, plain.mask_decoder)
+    return adapted.to(device).eval(), plain.to(device).eval()
+
+
+@torch.no_grad()
+def box_masks(predictor, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """The union of SAM's masks for `boxes` on an RGB uint8 image, at the image's size."""
+    predictor.set_image(image)
+    device = predictor.device
+    box = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes, device=device), image.shape[:2])
+    masks, _, _ = predictor.predict_torch(None, None, boxes=box, multimask_output=False)
+    return masks.any(dim=0)[0].cpu().numpy()
+
+
+def evaluate_prompts(record, spec, folder: Path, splits: list[str], device: str, limit: int | None,
+                     progress) -> tuple[dict, list[dict], dict]:
+    """(scores per split, per-image rows, images scored per split) of the box-prompted comparison."""
+    from segment_anything import SamPredictor
+
+    from samfit.config import DEVICES
+    from samfit.data import split_pairs
+    from samfit.data.folder import read_image, read_mask
+    from samfit.engine.step import pick_device
+
+    if spec.task != "binary":
+        raise SamfitError(f"Dataset '{spec.name}' is {spec.task}; --prompts box scores binary masks.")
+    if device not in DEVICES:
+        raise SamfitError(f"--device {device!r}: choose one of {', '.join(DEVICES)}.")
+    dev = pick_device(device)
+    adapted, plain = (SamPredictor(m) for m in sam_models(record, dev))
+    scores, rows, counts = {}, [], {}
+    for split in splits:
+        pairs = split_pairs(spec, folder, split)[:limit] if limit else split_pairs(spec, folder, split)
+        task = progress.add_task(f"boxes {spec.name}/{split}", total=len(pairs))
+        split_rows = []
+        for image_path, mask_path in pairs:
+            gt = read_mask(mask_path) > 127
+            boxes = component_boxes(gt)
+            if len(boxes):
+                image = np.ascontiguousarray(read_image(image_path))
+                if image.shape[:2] != gt.shape:
+                    raise SamfitError(f"Mask size {gt.shape[1]}x{gt.shape[0]} of {mask_path} differs from image "
+                                      f"size {image.shape[1]}x{image.shape[0]} of {image_path}. Run `samfit data "
+                                      f"check` on the dataset and fix the pair.")
+                iou, dice = _scores(box_masks(adapted, image, boxes), gt)
+                sam_iou, sam_dice = _scores(box_masks(plain, image, boxes), gt)
+                split_rows.append({"split": split, "image": str(image_path), "boxes": len(boxes), "iou": iou,
+                                   "dice": dice, "sam_iou": sam_iou, "sam_dice": sam_dice})
+            progress.advance(task)
+        if not split_rows:
+            raise SamfitError(f"No image of {spec.name}/{split} has foreground, so there is no box to prompt with. "
+                              f"Choose a split with objects (--split).")
+        mean = {k: float(np.mean([r[k] for r in split_rows])) for k in ("iou", "dice", "sam_iou", "sam_dice")}
+        mean.update(iou_change=mean["iou"] - mean["sam_iou"], dice_change=mean["dice"] - mean["sam_dice"])
+        scores[split], counts[split] = mean, len(split_rows)
+        rows += split_rows
+    return scores, rows, counts
