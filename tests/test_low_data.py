@@ -13,22 +13,10 @@ from samfit.data import fraction_pairs, selection_pairs
 from samfit.data.registry import DatasetSpec
 from samfit.errors import SamfitError
 from samfit.grid import load_grid
+from test_selection import canonical, stems  # noqa: F401  (canonical datasets on disk, as test_selection builds them)
 
 ROOT = Path(__file__).resolve().parents[1]
 FRACTIONS = (0.05, 0.1, 0.25, 0.5, 1.0)
-
-
-def canonical(root: Path, counts: dict[str, int]) -> Path:
-    for split, n in counts.items():
-        for i in range(n):
-            for kind, value in (("images", 100), ("masks", 255)):
-                (root / split / kind).mkdir(parents=True, exist_ok=True)
-                cv2.imwrite(str(root / split / kind / f"{split}{i:03d}.png"), np.full((8, 8), value, np.uint8))
-    return root
-
-
-def stems(pairs):
-    return [image.stem for image, _ in pairs]
 
 
 def _pairs(n: int) -> list:

@@ -8,6 +8,7 @@ from torch import nn
 
 import samfit
 from samfit import SamfitError
+from test_placement import tiny_sam
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 METHODS = samfit.list_methods()
@@ -17,17 +18,6 @@ NOT_MERGEABLE = [n for n in METHODS if n not in MERGEABLE]
 # a few eps of the output's scale (measured <= 2e-15 relative on the tiny model); 2**20 eps ≈ 2.3e-10 is far below
 # the >= 1e-2 difference a merge that drops or mis-scales a trained part makes (checked below against plain SAM).
 RTOL64 = 2**20 * torch.finfo(torch.float64).eps
-
-
-def tiny_sam(seed=0):
-    """The tiny random SAM at 64 px with every parameter non-zero (its relative-position tables start at 0)."""
-    torch.manual_seed(seed)
-    model = samfit.build_model("tiny", image_size=64)
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.02)
-    return model
 
 
 def float64(model):

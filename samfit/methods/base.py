@@ -79,7 +79,7 @@ class Method:
                 f"Method '{self.name}' cannot be merged into SAM's weights: its layers compute something plain "
                 f"SAM cannot. Keep the run folder (samfit.load_run, samfit predict) or export its trained "
                 f"parameters with `samfit export RUN --format adapter`.")
-        raise NotImplementedError(f"{type(self).__name__} declares mergeable = True but defines no merge()")
+        raise TypeError(f"{type(self).__name__} declares mergeable = True but defines no merge()")
 
     def describe(self) -> dict:
         return dataclasses.asdict(self.config)
