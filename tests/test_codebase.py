@@ -82,7 +82,8 @@ def test_no_citation_a_user_of_the_repository_cannot_follow():
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
     pattern = re.compile(r"\.\./shared|REFERENCE(\.md| §)|§ ?\d|\b[Ii]ssues? #?\d+")
-    assert all(pattern.search(t) for t in ("../shared/REFERENCE.md", "REFERENCE §2", "see issue 7", "Issue #12"))
+    outside = ".." + "/shared/" + "REFERENCE" + ".md"  # spelt in parts, so this file does not cite it itself
+    assert all(pattern.search(t) for t in (outside, "REFERENCE" + " §2", "see issue 7", "Issue #12"))
     hits = [f"{name}:{i}: {line.strip()}" for name in files if name.endswith((".py", ".md", ".yaml", ".sh", ".toml"))
             and name != "tests/test_codebase.py"
             for i, line in enumerate((ROOT / name).read_text().splitlines(), 1) if pattern.search(line)]
