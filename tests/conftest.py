@@ -42,3 +42,16 @@ def cli():
         return result.exit_code, result.stdout, ""
 
     return invoke
+
+
+@pytest.fixture
+def printed_config(cli):
+    """The settings `samfit run ARGS --print-config` resolves, as a dict."""
+    import yaml
+
+    def printed(*args) -> dict:
+        code, out, message = cli("run", *args, "--print-config")
+        assert code == 0, message
+        return yaml.safe_load(out)
+
+    return printed

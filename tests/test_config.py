@@ -42,17 +42,6 @@ def samfit(*args):
     return subprocess.run([sys.executable, "-m", "samfit", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
-@pytest.fixture
-def printed_config(cli):
-    """The settings `samfit run ARGS --print-config` resolves."""
-    def printed(*args) -> dict:
-        code, out, message = cli("run", *args, "--print-config")
-        assert code == 0, message
-        return yaml.safe_load(out)
-
-    return printed
-
-
 def as_flags(values: dict) -> list[str]:
     flags = []
     for key, value in values.items():

@@ -20,57 +20,47 @@ ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ("batch_size", "effective_batch", "eval_resolution", "decay_exclude", "loss")
 
 
-@pytest.fixture
-def printed(cli):
-    def printed(*args) -> dict:
-        code, out, message = cli("run", *args, "--print-config")
-        assert code == 0, message
-        return yaml.safe_load(out)
-
-    return printed
-
-
 def bundle(settings: dict) -> tuple:
     return tuple(settings[k] for k in BUNDLED)
 
 
-def test_samfit_is_the_default_and_its_settings_are_as_before(printed):
+def test_samfit_is_the_default_and_its_settings_are_as_before(printed_config):
     cfg = RunConfig()
     assert cfg.protocol == "samfit" and bundle(cfg.resolved(resolve_dataset("shapes")).to_dict()) == \
         (4, 4, "gt", "none", "structure")
-    assert bundle(printed()) == (4, 4, "gt", "none", "structure")
+    assert bundle(printed_config()) == (4, 4, "gt", "none", "structure")
     assert RunConfig(image_size=64).run_name() == "shapes_lora_tiny_64_s0"
 
 
-def test_official_fills_the_settings_not_given(printed):
-    assert bundle(printed("--protocol", "official")) == (1, 4, "model", "bias-norm", "structure-official")
-    assert bundle(printed("--protocol", "official", "--dataset", "sbu", "--model", "vit_b")) == \
+def test_official_fills_the_settings_not_given(printed_config):
+    assert bundle(printed_config("--protocol", "official")) == (1, 4, "model", "bias-norm", "structure-official")
+    assert bundle(printed_config("--protocol", "official", "--dataset", "sbu", "--model", "vit_b")) == \
         (1, 4, "model", "bias-norm", "balanced-bce")  # the official code's SBU loss is samfit's
     assert RunConfig(protocol="official", image_size=64).run_name() == "shapes_lora_tiny_64_s0_official"
     assert set(PROTOCOL_SETTINGS["official"]) == set(PROTOCOL_SETTINGS["samfit"])
 
 
-def test_a_setting_given_wins_over_the_bundle(printed, tmp_path):
+def test_a_setting_given_wins_over_the_bundle(printed_config, tmp_path):
     given = ("--batch-size", "4", "--eval-resolution", "gt", "--decay-exclude", "none", "--loss", "structure")
-    assert bundle(printed("--protocol", "official", *given)) == (4, 4, "gt", "none", "structure")
-    assert bundle(printed("--protocol", "official", "--batch-size", "2", "--effective-batch", "8")) == \
+    assert bundle(printed_config("--protocol", "official", *given)) == (4, 4, "gt", "none", "structure")
+    assert bundle(printed_config("--protocol", "official", "--batch-size", "2", "--effective-batch", "8")) == \
         (2, 8, "model", "bias-norm", "structure-official")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"batch_size": 4, "eval_resolution": "gt"}))  # a file's settings are given too
-    assert bundle(printed("--config", path, "--protocol", "official")) == (4, 4, "gt", "bias-norm",
+    assert bundle(printed_config("--config", path, "--protocol", "official")) == (4, 4, "gt", "bias-norm",
                                                                            "structure-official")
     path.write_text(yaml.safe_dump({"protocol": "official"}))
-    assert bundle(printed("--config", path, "--batch-size", "2")) == (2, 4, "model", "bias-norm",
+    assert bundle(printed_config("--config", path, "--batch-size", "2")) == (2, 4, "model", "bias-norm",
                                                                       "structure-official")
     assert make_config(None, protocol="official", batch_size=None).batch_size == 1  # None: not given
 
 
-def test_each_difference_is_selectable_alone(printed):
-    assert bundle(printed("--loss", "structure-official")) == (4, 4, "gt", "none", "structure-official")
-    assert bundle(printed("--decay-exclude", "bias-norm")) == (4, 4, "gt", "bias-norm", "structure")
-    assert bundle(printed("--batch-size", "1")) == (1, 4, "gt", "none", "structure")
-    assert bundle(printed("--eval-resolution", "model")) == (4, 4, "model", "none", "structure")
-    assert printed("--decay-exclude", "bias-norm")["protocol"] == "samfit"
+def test_each_difference_is_selectable_alone(printed_config):
+    assert bundle(printed_config("--loss", "structure-official")) == (4, 4, "gt", "none", "structure-official")
+    assert bundle(printed_config("--decay-exclude", "bias-norm")) == (4, 4, "gt", "bias-norm", "structure")
+    assert bundle(printed_config("--batch-size", "1")) == (1, 4, "gt", "none", "structure")
+    assert bundle(printed_config("--eval-resolution", "model")) == (4, 4, "model", "none", "structure")
+    assert printed_config("--decay-exclude", "bias-norm")["protocol"] == "samfit"
 
 
 def test_a_bad_protocol_is_a_clear_error(cli):
