@@ -84,6 +84,34 @@ def test_load_run_eval_mode_and_another_size(trained):
     assert all(torch.equal(v, state[k]) for k, v in same.items())  # only the position tables differ
 
 
+def method_layers(encoder) -> set[str]:
+    """The encoder's modules that are neither SAM's (segment_anything, torch.nn) nor SAM's Attention with samfit's
+    fused forward (SDPAAttention: the same weights and arithmetic cost): a method's layers, if any."""
+    from samfit.model.attention import SDPAAttention
+
+    return {type(m).__qualname__ for m in encoder.modules() if not isinstance(m, SDPAAttention)
+            and not type(m).__module__.startswith(("segment_anything.", "torch.nn."))}
+
+
+@whole_run
+def test_predict_and_evaluate_merge_a_mergeable_method_first(trained, tmp_path, cli, monkeypatch):
+    import samfit.engine.evaluate as engine
+    from samfit.use.predict import predict_images
+
+    folder, data_dir = trained
+    model = samfit.load_run(folder, device="cpu")
+    assert method_layers(model.image_encoder) == {"LoRALinear"}  # load_run alone keeps the run's own layers
+    summary = predict_images(model, first_images(data_dir)[:1], tmp_path / "pred")
+    assert len(summary.written) == 1 and model.merged and method_layers(model.image_encoder) == set()
+    seen, real = [], engine.predict_batches
+    monkeypatch.setattr(engine, "predict_batches",  # records the model evaluate scores with, then runs as ever
+                        lambda model, *a, **k: seen.append(method_layers(model.image_encoder)) or real(model, *a, **k))
+    code, _, message = cli("evaluate", folder, "--dataset", data_dir, "--limit", 1, "--device", "cpu",
+                           "--name", "merged")
+    assert code == 0, message
+    assert seen == [set()] and json.loads((folder / "eval" / "merged.json").read_text())["merged"] is True
+
+
 @whole_run
 def test_predict_outputs_and_a_corrupt_image_is_skipped(trained, tmp_path, cli):
     folder, data_dir = trained

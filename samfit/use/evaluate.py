@@ -44,7 +44,7 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
         raise SamfitError(f"--prompts {prompts!r}: choose {', '.join(PROMPTS)} (one box per ground-truth object), "
                           f"or leave it out to score the run's own decoder.")
     record = read_run(run_dir)
-    model = None if prompts else load_run(run_dir, device=device)
+    model = None if prompts else load_run(run_dir, device=device, merge=True)  # plain SAM's inference cost
     spec = resolve_dataset(dataset, datasets_file)
     if spec.num_classes != record.num_classes:
         kind = "binary" if record.num_classes == 1 else f"{record.num_classes} classes"
@@ -113,6 +113,7 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
         "scores": scores, "images": counts, "eval_resolution": "image" if prompts else cfg.eval_resolution,
         "image_size": 1024 if prompts else cfg.image_size, "device": str(dev),
         "precision": "fp32" if prompts else resolve_precision(precision, dev),
+        "merged": True if prompts else model.merged,  # the method folded into SAM's weights (mergeable methods)
         "per_image": out.with_name(f"{name}_images.csv").name})
     return out
 

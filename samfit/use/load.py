@@ -152,16 +152,33 @@ def _resize_trained(best: dict, model: torch.nn.Module, image_size: int, global_
     return out
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "auto", image_size: int | None = None):
+def load_run(run_dir: str | Path, device: str | torch.device = "auto", image_size: int | None = None,
+             merge: bool = False):
     """The trained Segmenter of a finished run (its folder or its adapter file), in eval mode on `device` ("auto": CUDA when present), at the run's
-    input size or at `image_size` (a multiple of 16; positions interpolated)."""
+    input size or at `image_size` (a multiple of 16; positions interpolated). `merge=True` (what predict and
+    evaluate use): a mergeable method folded into SAM's weights first (`merge_for_inference`)."""
     from samfit.engine.sampling import rng_state, set_rng_state
 
     saved = rng_state()  # rebuilding reseeds the global generators; the caller's streams are given back
     try:
-        return _load(read_run(run_dir), device, image_size)
+        model = _load(read_run(run_dir), device, image_size)
     finally:
         set_rng_state(saved)
+    return merge_for_inference(model) if merge else model
+
+
+def merge_for_inference(model):
+    """The loaded model with a mergeable method (LoRA, SSF, BitFit, ...) folded into SAM's own weights, in place
+    (`Method.merge`): the image encoder holds only SAM's modules, so inference costs what plain SAM's does and
+    computes the same function (up to the rounding of the merged weights). `model.merged` says whether it was
+    merged; a method that cannot merge (Conv-LoRA, adapters, VPT, ...) is returned as it is."""
+    from samfit.methods import get_method
+
+    method = get_method(model.run_config.method, **model.run_config.method_args)
+    if method.mergeable:
+        method.merge(model)
+    model.merged = method.mergeable
+    return model
 
 
 def _load(record: RunRecord, device, image_size):

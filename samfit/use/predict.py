@@ -114,12 +114,14 @@ def write_outputs(out: Path, stem: str, image: np.ndarray, scores: torch.Tensor,
 def predict_images(model, images: list[Path], out: Path, threshold: float = 0.5, overlay: bool = False,
                    probabilities: bool = False, batch_size: int | None = None, precision: str = "auto",
                    console: Console | None = None) -> Summary:
-    """Segment `images` with a loaded run (`samfit.load_run`) into `out` (see the module docstring)."""
+    """Segment `images` with a loaded run (`samfit.load_run`) into `out` (see the module docstring). A mergeable
+    method is merged into the model first, in place (`merge_for_inference`): plain SAM's cost, the same function."""
     from samfit.engine.step import autocast_for
+    from samfit.use.load import merge_for_inference
 
     if not 0 <= threshold < 1:
         raise SamfitError(f"--threshold {threshold}: must be in [0, 1) (a probability; 0.5 is what scores use).")
-    cfg = model.run_config
+    cfg = merge_for_inference(model).run_config
     batch_size = batch_size or cfg.batch_size
     if batch_size < 1:
         raise SamfitError(f"--batch-size {batch_size}: must be >= 1.")

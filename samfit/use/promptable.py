@@ -52,7 +52,6 @@ def sam_models(record, device: torch.device):
     from segment_anything import sam_model_registry
     from segment_anything.modeling import Sam
 
-    from samfit.methods import get_method
     from samfit.model.sam import get_variant, load_sam_state
     from samfit.use.load import load_run, run_checkpoint
 
@@ -66,10 +65,8 @@ def sam_models(record, device: torch.device):
                           f"box. --prompts box needs a binary run.")
     plain = sam_model_registry[cfg.model]()
     plain.load_state_dict(load_sam_state(run_checkpoint(record), cfg.model))
-    model = load_run(record.folder, device="cpu", image_size=SAM_SIZE)
-    method = get_method(cfg.method, **cfg.method_args)
-    if method.mergeable:  # plain SAM's cost, and the very encoder `samfit export --format sam` writes
-        model = method.merge(model)
+    # merged when mergeable: plain SAM's cost, and the very encoder `samfit export --format sam` writes
+    model = load_run(record.folder, device="cpu", image_size=SAM_SIZE, merge=True)
     adapted = Sam(_Encoder(model.image_encoder), plain.prompt_encoder, plain.mask_decoder)
     return adapted.to(device).eval(), plain.to(device).eval()
 
