@@ -188,7 +188,7 @@ def test_bad_input_is_a_clear_message(cli, tmp_path):
 
 def test_average_ranks_and_friedman_across_test_sets(cli, tmp_path):
     from samfit.report.collect import collect_runs
-    from samfit.report.compare import friedman_ranks
+    from samfit.report.ranks import friedman_ranks
 
     root = tmp_path / "runs"
     quality = {"lora": 2, "decoder-only": 1, "bitfit": 3}

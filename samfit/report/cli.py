@@ -1,5 +1,5 @@
-"""`samfit compare` (registered on samfit's Typer app by `register`), and the verdict marks `samfit table
---baseline` adds to its cells."""
+"""`samfit compare` and `samfit report` (registered on samfit's Typer app by `register`), and the verdict marks
+`samfit table --baseline` adds to its cells."""
 from __future__ import annotations
 
 import json
@@ -29,22 +29,6 @@ def load_runs(folders: List[Path]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).drop_duplicates(subset=["path", "test_set"])
 
 
-def display_frame(records: list[dict]) -> pd.DataFrame:
-    """The records as printed: differences and CIs in the table's units (`display_scale`), p to 3 digits."""
-    from samfit.report.table import column_label, display_scale
-
-    rows = []
-    for r in records:
-        factor, digits = display_scale(r["metric"])
-        rows.append({"test set": column_label((r["dataset"], r["test_set"], r["metric"])), "model": r["model"],
-                     "method": r["method"], "vs": r["baseline"],
-                     "difference": f"{r['difference'] * factor:+.{digits}f}",
-                     "CI": f"[{r['ci_low'] * factor:+.{digits}f}, {r['ci_high'] * factor:+.{digits}f}]",
-                     "p": f"{r['p_value']:.3g}", "p (Holm)": f"{r['p_holm']:.3g}", "verdict": r["verdict"],
-                     "images": r["n_images"], "seeds": ",".join(map(str, r["seeds"]))})
-    return pd.DataFrame(rows)
-
-
 def compare(
     results: List[Path] = typer.Argument(..., help="Folders of run folders (any depth)."),
     baseline: str = typer.Option("lora", "--baseline", help="The method every other is compared with."),
@@ -56,12 +40,17 @@ def compare(
     seed: int = typer.Option(0, "--seed", help="Seed of the resampling."),
     select: Optional[List[str]] = typer.Option(None, "--select", help="Keep per method, dataset and seed the "
                                                "value of this setting (e.g. lr) best on validation."),
+    rope: Optional[float] = typer.Option(None, "--rope", help="Also the Bayesian signed-rank test across test "
+                                         "sets (baycomp) with this region of practical equivalence, in the "
+                                         "table's units (0.5 = half a point)."),
+    cd_diagram: Optional[Path] = typer.Option(None, "--cd-diagram", help="Write the critical-difference "
+                                              "diagram across test sets to this PNG."),
 ):
     """Paired comparison of every method with a baseline, per dataset and test set, over test images: the
     difference over common seeds, a bootstrap CI, a p-value (Wilcoxon, or permutation for pooled metrics),
     Holm-adjusted, and a verdict."""
     from samfit.report.compare import Settings, compare_runs
-    from samfit.report.table import render
+    from samfit.report.table import display_frame, render
 
     if fmt not in FORMATS:
         raise SamfitError(f"--format {fmt}: choose one of {', '.join(FORMATS)}.")
@@ -71,12 +60,14 @@ def compare(
     records, notes = compare_runs(runs, baseline, metric, Settings(confidence, resamples, seed))
     for note in notes:
         err.print(f"note: {note}", highlight=False)
+    if cd_diagram is not None:
+        write_cd_diagram(runs, metric, cd_diagram)
     if fmt == "json":
         sys.stdout.write(json.dumps(records, indent=2) + "\n")
         return
     if fmt == "csv":
-        sys.stdout.write(pd.DataFrame(records).assign(seeds=lambda f: f["seeds"].map(
-            lambda s: ",".join(map(str, s)))).to_csv(index=False))
+        joined = {k: (lambda f, k=k: f[k].map(lambda s: ",".join(f"{v:g}" for v in s))) for k in ("seeds", "fractions")}
+        sys.stdout.write(pd.DataFrame(records).assign(**joined).to_csv(index=False))
         return
     frame = display_frame(records)
     if fmt == "rich":  # constant columns are said once, in the caption
@@ -94,12 +85,27 @@ def compare(
     else:
         sys.stdout.write(render(frame, fmt) + f"\n\n{caption}.\n")
     ranks_section(runs, metric, fmt)
+    if rope is not None:
+        bayes_section(runs, baseline, rope, metric, seed, fmt)
+
+
+def print_frame(frame: pd.DataFrame, title: str, caption: str, fmt: str) -> None:
+    from samfit.report.table import render
+
+    if fmt == "rich":
+        t = Table(title=title, caption=caption)
+        for col in frame.columns:
+            t.add_column(col)
+        for _, row in frame.iterrows():
+            t.add_row(*(str(v) for v in row))
+        console.print(t)
+    else:
+        sys.stdout.write("\n" + render(frame, fmt) + f"\n\n{caption}.\n")
 
 
 def ranks_section(runs: pd.DataFrame, metric: str | None, fmt: str) -> None:
     """Average rank per method across test sets and the Friedman test (rich, markdown and latex output)."""
-    from samfit.report.compare import friedman_ranks
-    from samfit.report.table import render
+    from samfit.report.ranks import friedman_ranks
 
     result, why = friedman_ranks(runs, metric)
     if result is None:
@@ -108,15 +114,64 @@ def ranks_section(runs: pd.DataFrame, metric: str | None, fmt: str) -> None:
     frame = pd.DataFrame({"method": result["methods"], "average rank": [f"{r:.2f}" for r in result["average_rank"]]})
     line = (f"Friedman test over {result['test_sets']} test sets and {len(frame)} methods: chi-square = "
             f"{result['statistic']:.3g}, p = {result['p_value']:.3g} (rank 1 = best)")
-    if fmt == "rich":
-        t = Table(title="average rank across test sets", caption=line)
-        for col in frame.columns:
-            t.add_column(col)
-        for _, row in frame.sort_values("average rank").iterrows():
-            t.add_row(*row)
-        console.print(t)
-    else:
-        sys.stdout.write("\n" + render(frame.sort_values("average rank"), fmt) + f"\n\n{line}.\n")
+    print_frame(frame.sort_values("average rank"), "average rank across test sets", line, fmt)
+
+
+def write_cd_diagram(runs: pd.DataFrame, metric: str | None, path: Path) -> None:
+    from samfit.report.ranks import cd_diagram, friedman_ranks
+
+    result, why = friedman_ranks(runs, metric)
+    if result is None:
+        raise SamfitError(f"--cd-diagram {path}: no diagram, {why}")
+    err.print(f"wrote {cd_diagram(result, path)}", highlight=False)
+
+
+def bayes_section(runs: pd.DataFrame, baseline: str, rope: float, metric: str | None, seed: int, fmt: str) -> None:
+    """--rope: the Bayesian signed-rank test across test sets, per method against the baseline."""
+    from samfit.report.bayes import signed_rank
+
+    records, notes = signed_rank(runs, baseline, rope, metric, seed)
+    for note in notes:
+        err.print(f"note: {note}", highlight=False)
+    if not records:
+        return
+    frame = pd.DataFrame([{"method": r["method"], "test sets": r["test_sets"],
+                           "mean difference": f"{r['mean_difference']:+.2f}", "P(better)": f"{r['p_better']:.3f}",
+                           "P(equivalent)": f"{r['p_equivalent']:.3f}", "P(worse)": f"{r['p_worse']:.3f}"}
+                          for r in records])
+    print_frame(frame, f"Bayesian signed-rank against {baseline} across test sets",
+                f"baycomp; difference = method − {baseline} in table units, rope ±{rope:g}", fmt)
+
+
+def report(
+    results: List[Path] = typer.Argument(..., help="Folders of run folders (any depth)."),
+    out: Path = typer.Option(Path("report.html"), "--out", help="The HTML file to write."),
+    baseline: str = typer.Option("lora", "--baseline", help="The method every other is compared with."),
+    metric: Optional[str] = typer.Option(None, "--metric", help="Metric (default: each dataset's headline)."),
+    confidence: float = typer.Option(0.95, "--confidence", help="CI level; 1 − it is the test's level."),
+    resamples: int = typer.Option(2000, "--resamples", help="Bootstrap (and permutation) resamples."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the resampling."),
+    rope: Optional[float] = typer.Option(None, "--rope", help="Add the Bayesian signed-rank test with this rope."),
+    select: Optional[List[str]] = typer.Option(None, "--select", help="Keep per method, dataset and seed the "
+                                               "value of this setting (e.g. lr) best on validation."),
+):
+    """One self-contained HTML page (opens offline): the results grid, verdicts, ranks and the
+    critical-difference diagram, the plots, and every run's settings."""
+    from samfit.engine.rundir import write_text
+    from samfit.report.compare import Settings
+    from samfit.report.html import build_report
+
+    notes: list[str] = []
+    runs = apply_select_quiet(results, select, notes)
+    write_text(out, build_report(runs, results, baseline, metric, Settings(confidence, resamples, seed), rope,
+                                 notes))
+    console.print(f"wrote {out}", highlight=False)
+
+
+def apply_select_quiet(results: List[Path], select, notes: list[str]) -> pd.DataFrame:
+    from samfit.report.select import apply_select
+
+    return apply_select(load_runs(results), results, select, notes.append)
 
 
 def marks_for(runs: pd.DataFrame, baseline: str, metric: str | None) -> tuple[dict, str]:
@@ -132,3 +187,4 @@ def marks_for(runs: pd.DataFrame, baseline: str, metric: str | None) -> tuple[di
 
 def register(app: typer.Typer) -> None:
     app.command()(compare)
+    app.command()(report)

@@ -24,13 +24,12 @@ import pandas as pd
 from scipy import stats
 
 from samfit.errors import SamfitError
-from samfit.methods import ORDER
-from samfit.metrics.pooled import LOWER_IS_BETTER, Recipe, recipe
+from samfit.metrics.pooled import Recipe, recipe
 from samfit.report.collect import read_per_image
-
-GROUP = ["dataset", "test_set", "model"]
+from samfit.report.efficiency import area_metric, area_weights, split_fraction, stack_fractions
+from samfit.report.ranks import GROUP, lower_is_better, method_order
 RECORD_KEYS = ("dataset", "test_set", "model", "metric", "method", "baseline", "difference", "ci_low", "ci_high",
-               "p_value", "p_holm", "verdict", "n_images", "seeds", "lower_is_better", "test")
+               "p_value", "p_holm", "verdict", "n_images", "seeds", "lower_is_better", "test", "fractions")
 
 
 @dataclass(frozen=True)
@@ -127,11 +126,6 @@ def verdict(difference: float, p_holm: float, lower_is_better: bool, alpha: floa
     return "better" if (difference < 0) == lower_is_better else "worse"
 
 
-def _method_order(methods) -> list[str]:
-    rank = {m: i for i, m in enumerate(ORDER)}
-    return sorted(methods, key=lambda m: (rank.get(m.partition("@")[0], len(rank)), m))
-
-
 def _stats_for(group: pd.DataFrame, seeds: list, rec_of, metric: str, test_set: str, images=None):
     """(seeds, images, columns) statistics of one method's runs, aligned on `images` (default: the first's)."""
     arrays, rec = [], None
@@ -159,7 +153,7 @@ def compare_runs(runs: pd.DataFrame, baseline: str, metric: str | None = None,
     methods = set(runs["method"])
     if baseline not in methods:
         raise SamfitError(f"--baseline {baseline}: no runs of it here. Methods found: "
-                          f"{', '.join(_method_order(methods))}.")
+                          f"{', '.join(method_order(methods))}.")
     if len(methods) < 2:
         raise SamfitError(f"Only {baseline} ran here: nothing to compare it with. Add runs of other methods.")
     lacking = runs.loc[~runs["per_image"], "path"].drop_duplicates().tolist()
@@ -170,8 +164,7 @@ def compare_runs(runs: pd.DataFrame, baseline: str, metric: str | None = None,
     records, notes = [], []
     for (dataset, test_set, model), group in runs.groupby(GROUP, sort=False):
         name = metric or group["headline"].iloc[0]
-        lower = bool(group["lower_is_better"].iloc[0]) if name == group["headline"].iloc[0] else \
-            name in LOWER_IS_BETTER
+        lower = lower_is_better(group, name)
         if metric and metric not in group.columns or group[name].isna().all():
             raise SamfitError(f"Metric '{name}' is not among the scores of {dataset}/{test_set}. Its metrics: "
                               f"{', '.join(_scores(group))}.")
@@ -179,7 +172,7 @@ def compare_runs(runs: pd.DataFrame, baseline: str, metric: str | None = None,
         if base.empty:
             notes.append(f"{dataset}/{test_set} ({model}): no {baseline} runs, not compared.")
             continue
-        for method in _method_order(set(group["method"]) - {baseline}):
+        for method in method_order(set(group["method"]) - {baseline}):
             mine = group[group["method"] == method]
             seeds = sorted(set(mine["seed"]) & set(base["seed"]))
             if not seeds:
@@ -190,7 +183,9 @@ def compare_runs(runs: pd.DataFrame, baseline: str, metric: str | None = None,
             m, _, _ = _stats_for(mine, seeds, recipe, name, test_set, images)
             records.append({"dataset": dataset, "test_set": test_set, "model": model, "metric": name,
                             "method": method, "baseline": baseline, **paired_comparison(rec, m, b, settings),
-                            "n_images": len(images), "seeds": [int(s) for s in seeds], "lower_is_better": lower})
+                            "n_images": len(images), "seeds": [int(s) for s in seeds], "lower_is_better": lower,
+                            "fractions": [split_fraction(dataset)[1]]})
+    records += _area_records(runs, baseline, metric, settings, notes)
     if not records:
         raise SamfitError(f"Nothing to compare: no dataset has runs of {baseline} and another method. "
                           + " ".join(notes))
@@ -199,6 +194,44 @@ def compare_runs(runs: pd.DataFrame, baseline: str, metric: str | None = None,
         r["p_holm"] = float(p)
         r["verdict"] = verdict(r["difference"], r["p_holm"], r["lower_is_better"], alpha)
     return [{k: r[k] for k in RECORD_KEYS} for r in records], notes
+
+
+def _area_records(runs: pd.DataFrame, baseline: str, metric: str | None, settings: Settings,
+                  notes: list[str]) -> list[dict]:
+    """Per (dataset, test set, model) with runs at two or more train fractions: every method's area under the
+    metric-vs-fraction curve (`samfit.report.efficiency`) against the baseline's, over the fractions both ran
+    and the seeds both ran at every one of them, paired over the test images."""
+    split = [split_fraction(d) for d in runs["dataset"]]
+    frame = runs.assign(base=[d for d, _ in split], fraction=[f for _, f in split])
+    records = []
+    for (dataset, test_set, model), group in frame.groupby(["base", "test_set", "model"], sort=False):
+        if group["fraction"].nunique() < 2:
+            continue
+        name = metric or group["headline"].iloc[0]
+        base = group[group["method"] == baseline]
+        for method in method_order(set(group["method"]) - {baseline}):
+            mine = group[group["method"] == method]
+            fractions = sorted(set(mine["fraction"]) & set(base["fraction"]))
+            sets = [set(part.loc[part["fraction"] == f, "seed"]) for part in (mine, base) for f in fractions]
+            seeds = sorted(set.intersection(*sets)) if sets else []
+            if len(fractions) < 2 or not seeds:
+                notes.append(f"{dataset}/{test_set} ({model}): {method} and {baseline} share "
+                             f"{'no seed at every fraction' if len(fractions) > 1 else 'fewer than two fractions'}"
+                             f", so no area under the fraction curve.")
+                continue
+            per_m, per_b, images = [], [], None
+            for f in fractions:
+                b, rec, images = _stats_for(base[base["fraction"] == f], seeds, recipe, name, test_set, images)
+                per_b.append(b)
+                per_m.append(_stats_for(mine[mine["fraction"] == f], seeds, recipe, name, test_set, images)[0])
+            weights = area_weights(fractions)
+            m, area_rec = stack_fractions(per_m, rec, weights)
+            b, _ = stack_fractions(per_b, rec, weights)
+            records.append({"dataset": dataset, "test_set": test_set, "model": model, "metric": area_metric(name),
+                            "method": method, "baseline": baseline, **paired_comparison(area_rec, m, b, settings),
+                            "n_images": len(images), "seeds": [int(s) for s in seeds],
+                            "lower_is_better": lower_is_better(group, name), "fractions": fractions})
+    return records
 
 
 def _scores(group: pd.DataFrame) -> list[str]:
@@ -212,28 +245,3 @@ def verdict_marks(records: list[dict]) -> dict[tuple, str]:
     sign = {"better": "▲", "worse": "▼"}
     return {(r["method"], r["model"], r["dataset"], r["test_set"], r["metric"]): sign[r["verdict"]]
             for r in records if r["verdict"] in sign}
-
-
-def friedman_ranks(runs: pd.DataFrame, metric: str | None = None) -> tuple[dict | None, str | None]:
-    """Across test sets (dataset, test set, model): each method's average rank (1 = best, ties averaged) on the
-    metric's mean over seeds, and the Friedman test (`scipy.stats.friedmanchisquare`) over the methods that ran
-    on every test set. (result, None), or (None, why not)."""
-    blocks = {}
-    for key, group in runs.groupby(GROUP, sort=False):
-        name = metric or group["headline"].iloc[0]
-        if name not in group.columns or group[name].isna().all():
-            continue
-        lower = bool(group["lower_is_better"].iloc[0]) if name == group["headline"].iloc[0] else \
-            name in LOWER_IS_BETTER
-        means = group.groupby("method")[name].mean()
-        blocks[key] = -means if lower else means  # higher is better from here on
-    shared = set.intersection(*(set(b.index) for b in blocks.values())) if blocks else set()
-    if len(shared) < 3 or len(blocks) < 2:
-        return None, (f"average ranks and the Friedman test need 3 or more methods on 2 or more test sets; here "
-                      f"{len(shared)} method(s) ran on all of {len(blocks)} test set(s).")
-    methods = _method_order(shared)
-    table = np.array([[blocks[k][m] for m in methods] for k in blocks])  # test sets × methods
-    ranks = stats.rankdata(-table, axis=1).mean(axis=0)
-    result = stats.friedmanchisquare(*table.T)
-    return {"methods": methods, "average_rank": [float(r) for r in ranks], "test_sets": len(blocks),
-            "statistic": float(result.statistic), "p_value": float(result.pvalue)}, None

@@ -14,9 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from samfit.report.efficiency import area, split_fraction
 from samfit.report.table import column_label, display_scale
-
-FRACTION = re.compile(r"^(?P<dataset>.*)@f(?P<fraction>[0-9.e-]+)$")  # collect's 'polyp@f0.25'
 
 # (summary column, axis label, scale, file suffix, log axis)
 AXES = (("encoder_trainable", "encoder-side trainable parameters", 1.0, "params", True),
@@ -108,18 +107,17 @@ def repel_labels(ax, texts, iterations: int = 300, pad: float = 2.0, points=()) 
 def fraction_curves(summary: pd.DataFrame) -> pd.DataFrame:
     """Data efficiency: per (dataset, test set, metric, method, model) run at two or more train fractions, the
     fractions, the means and stds over seeds, and the area under the metric-vs-fraction curve (trapezoid on a
-    linear fraction axis, divided by the fraction range: the curve's mean value)."""
+    linear fraction axis, divided by the fraction range: the curve's mean value; `efficiency.area`)."""
     frame = summary.copy()
-    parsed = frame["dataset"].map(lambda d: FRACTION.match(d))
-    frame["base"] = [m.group("dataset") if m else d for m, d in zip(parsed, frame["dataset"])]
-    frame["fraction"] = [float(m.group("fraction")) if m else 1.0 for m in parsed]
+    split = [split_fraction(d) for d in frame["dataset"]]
+    frame["base"], frame["fraction"] = [d for d, _ in split], [f for _, f in split]
     rows = []
     for key, group in frame.groupby(["base", "test_set", "metric", "method", "model"], sort=False):
         if group["fraction"].nunique() < 2:
             continue
         group = group.sort_values("fraction")
         f, y = group["fraction"].to_numpy(), group["mean"].to_numpy()
-        auc = float(np.sum((f[1:] - f[:-1]) * (y[1:] + y[:-1]) / 2) / (f[-1] - f[0]))
+        auc = area(f, y)
         rows.append({**dict(zip(["dataset", "test_set", "metric", "method", "model"], key)),
                      "lower_is_better": bool(group["lower_is_better"].iloc[0]), "fractions": f.tolist(),
                      "means": y.tolist(), "stds": group["std"].to_numpy().tolist(), "auc": auc})

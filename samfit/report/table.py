@@ -61,10 +61,25 @@ def comparison_grid(summary: pd.DataFrame, marks: dict | None = None) -> pd.Data
     return pd.DataFrame(table)[order].fillna("—")
 
 
+def display_frame(records: list[dict]) -> pd.DataFrame:
+    """The records as printed: differences and CIs in the table's units (`display_scale`), p to 3 digits."""
+    rows = []
+    for r in records:
+        factor, digits = display_scale(r["metric"])
+        rows.append({"test set": column_label((r["dataset"], r["test_set"], r["metric"])), "model": r["model"],
+                     "method": r["method"], "vs": r["baseline"],
+                     "difference": f"{r['difference'] * factor:+.{digits}f}",
+                     "CI": f"[{r['ci_low'] * factor:+.{digits}f}, {r['ci_high'] * factor:+.{digits}f}]",
+                     "p": f"{r['p_value']:.3g}", "p (Holm)": f"{r['p_holm']:.3g}", "verdict": r["verdict"],
+                     "images": r["n_images"], "seeds": ",".join(map(str, r["seeds"]))})
+    return pd.DataFrame(rows)
+
+
 def display_scale(metric: str) -> tuple[float, int]:
     """(factor, decimals) to print a metric like the paper: scores in [0, 1] ×100; BER is already ×100; MAE
-    stays in [0, 1] with three decimals (ber_per_image is ×100 like ber)."""
-    return {"ber": (1, 2), "ber_per_image": (1, 2), "mae": (1, 3)}.get(metric, (100, 2))
+    stays in [0, 1] with three decimals (ber_per_image is ×100 like ber). An area under the fraction curve
+    ('iou_per_image@area') is in its metric's units."""
+    return {"ber": (1, 2), "ber_per_image": (1, 2), "mae": (1, 3)}.get(metric.removesuffix("@area"), (100, 2))
 
 
 def column_label(col) -> str:
