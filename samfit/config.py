@@ -28,10 +28,11 @@ EVAL_RESOLUTIONS = ("gt", "model")
 CACHE_MODES = ("auto", "on", "off")
 PROTOCOLS = ("samfit", "official")
 DECAY_EXCLUDES = ("none", "bias-norm")
+HEADS = ("samfit", "official")
 # What each protocol gives the settings left unset (docs/reference.md, Differences from the official code).
 PROTOCOL_SETTINGS = {
-    "samfit": {"batch_size": 4, "eval_resolution": "gt", "decay_exclude": "none"},
-    "official": {"batch_size": 1, "eval_resolution": "model", "decay_exclude": "bias-norm"},
+    "samfit": {"batch_size": 4, "eval_resolution": "gt", "decay_exclude": "none", "head": "samfit"},
+    "official": {"batch_size": 1, "eval_resolution": "model", "decay_exclude": "bias-norm", "head": "official"},
 }
 
 
@@ -69,7 +70,8 @@ class RunConfig:
                                      "or a CSV of image,label pairs.")
     protocol: str = setting("samfit", "Recipe: samfit's own, or the official Conv-LoRA code's (official: loss "
                                       "structure-official, batch 1 accumulated to 4, no weight decay on biases and "
-                                      "norms, scored at the input size); fills only the settings not given.",
+                                      "norms, scored at the input size, the official multi-class head); fills "
+                                      "only the settings not given.",
                             choices=PROTOCOLS)
     model: str = setting("tiny", "SAM variant (tiny: random weights, for tests and smoke runs).",
                          choices=_model_names)
@@ -97,6 +99,11 @@ class RunConfig:
                              choices=_attention_kinds)
     grad_checkpoint: bool = setting(False, "Recompute each encoder block in backward (less memory).")
     loss: str | None = setting(None, "Binary loss (default: the dataset's).", choices=_loss_names)
+    head: str | None = setting(None, "Multi-class decoder head: samfit (queries from SAM's mask tokens 0-3 in turn "
+                                     "plus 0.02 noise, a 2-layer class MLP) or official (every query from mask "
+                                     "token 0, one Linear(256, C+1)) (default: the protocol's).", choices=HEADS)
+    queries: int | None = setting(None, "Mask queries of the multi-class head (default: 2 per class).",
+                                  positive=True)
     method_args: dict = setting({}, "The method's hyperparameters, key=value (see `samfit methods`).",
                                 flag="method-arg")
     limit_train: int | None = setting(None, "Use only the first N training images.", positive=True)

@@ -54,7 +54,8 @@ class Interrupted(SamfitError):
 def build_model_for(cfg: RunConfig, num_classes: int, device: torch.device, checkpoint=None):
     """The Segmenter a run trains: SAM (from `checkpoint`, else random), the method applied, the attention
     kind and activation checkpointing set, on the device."""
-    model = build_model(cfg.model, num_classes=num_classes, image_size=cfg.image_size, checkpoint=checkpoint)
+    model = build_model(cfg.model, num_classes=num_classes, image_size=cfg.image_size, checkpoint=checkpoint,
+                        num_queries=cfg.queries, head=cfg.head)
     get_method(cfg.method, **cfg.method_args).apply(model)
     set_grad_checkpoint(set_attention(model, cfg.attention), cfg.grad_checkpoint)
     return model.to(device)

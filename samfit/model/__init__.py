@@ -14,15 +14,17 @@ def default_num_queries(num_classes: int) -> int:
     return 2 * num_classes
 
 
-def _decoder_state(state: dict, num_queries: int, binary: bool) -> dict:
-    """Map SAM's decoder weights onto the cut decoder: token 0 (cycled for Q tokens) and MLP 0."""
+def _decoder_state(state: dict, num_queries: int, binary: bool, head: str = "samfit") -> dict:
+    """Map SAM's decoder weights onto the cut decoder: MLP 0, and token 0 for the binary head and for every query
+    of the official multi-class head (AutoGluon's SAMForSemanticSegmentation), tokens 0-3 in turn for samfit's."""
     out = {}
     for key, value in state.items():
         if not key.startswith("mask_decoder.") or "iou_prediction_head" in key:
             continue
         name = key[len("mask_decoder."):]
         if name == "mask_tokens.weight":
-            value = value[0:1] if binary else value[torch.arange(num_queries) % value.shape[0]]
+            one = binary or head == "official"
+            value = value[torch.zeros(num_queries, dtype=torch.long) if one else torch.arange(num_queries) % len(value)]
         elif name.startswith("output_hypernetworks_mlps."):
             if not name.startswith("output_hypernetworks_mlps.0."):
                 continue
@@ -31,31 +33,36 @@ def _decoder_state(state: dict, num_queries: int, binary: bool) -> dict:
 
 
 def build_model(variant: str, num_classes: int = 1, image_size: int | None = None, checkpoint=None,
-                num_queries: int | None = None) -> Segmenter:
+                num_queries: int | None = None, head: str = "samfit") -> Segmenter:
     """Build a prompt-free SAM Segmenter.
 
     With no checkpoint the weights are random (for counting parameters and tests). `checkpoint` is a path
-    to an official SAM state dict; position tables are interpolated to `image_size`.
+    to an official SAM state dict; position tables are interpolated to `image_size`. `head` (multi-class only):
+    samfit's (queries from tokens 0-3 in turn plus 0.02 noise, a 2-layer class MLP) or the official code's
+    (every query equal to token 0, no noise; one Linear(256, C+1)), docs/reference.md.
     """
     v = get_variant(variant)
     image_size = image_size or v.fixed_size or SAM_IMAGE_SIZE
     binary = num_classes == 1
     queries = 1 if binary else (num_queries or default_num_queries(num_classes))
     encoder, prompt, decoder = build_sam_parts(variant, image_size, queries)
-    model = Segmenter(encoder, prompt, decoder, variant, image_size, num_classes)
+    model = Segmenter(encoder, prompt, decoder, variant, image_size, num_classes, head=head)
     if checkpoint is not None:
         state = load_sam_state(resolve_checkpoint(variant, checkpoint), variant)
         state = resize_encoder_state(state, image_size, v.global_blocks)
         prefix = {"image_encoder.": encoder, "prompt_encoder.": prompt}
         for p, module in prefix.items():
             module.load_state_dict({k[len(p):]: t for k, t in state.items() if k.startswith(p)})
-        dec = _decoder_state(state, queries, binary)
-        if not binary:
+        dec = _decoder_state(state, queries, binary, head)
+        if not binary and head == "samfit":
             noise = torch.Generator().manual_seed(0)
             w = dec["mask_tokens.weight"]
             dec["mask_tokens.weight"] = w + 0.02 * torch.randn(w.shape, generator=noise)
         missing, unexpected = decoder.load_state_dict(dec, strict=False)
         assert not unexpected and all(k.startswith("class_head.") for k in missing), (missing, unexpected)
+    elif not binary and head == "official":  # random SAM: every query still starts as its token 0
+        with torch.no_grad():
+            decoder.mask_tokens.weight.copy_(decoder.mask_tokens.weight[0:1].expand(queries, -1))
     model.freeze_for_finetuning()
     return model
 

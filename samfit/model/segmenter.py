@@ -6,8 +6,9 @@ tokens (IoU token + mask tokens) and the image embedding plus the "no mask" dens
 * Binary head: the decoder is cut to ONE mask token (SAM's token 0) and ONE hypernetwork MLP; the IoU head
   is removed. logits = upsample(MLP(token_out) · upscaled_embedding) to the input size.
 * Multi-class head (mask classification, Cheng et al. 2021/2022): Q mask tokens share one hypernetwork MLP
-  (initialised from SAM's token-0 MLP); a classification MLP maps each token's output to C+1 logits (the last
-  is "no object"). Semantic scores: `semantic_inference`.
+  (initialised from SAM's token-0 MLP); a classification head maps each token's output to C+1 logits (the last
+  is "no object"): samfit's a 2-layer MLP, the official code's (`head="official"`) one Linear(256, C+1).
+  Semantic scores: `semantic_inference`.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class Segmenter(nn.Module):
     """SAM as a prompt-free segmenter. `forward(images)` -> {"logits", "aux_loss", ...}."""
 
     def __init__(self, image_encoder, prompt_encoder, mask_decoder, variant: str, image_size: int,
-                 num_classes: int = 1, num_queries: int | None = None):
+                 num_classes: int = 1, num_queries: int | None = None, head: str = "samfit"):
         super().__init__()
         self.image_encoder = image_encoder
         self.prompt_encoder = prompt_encoder
@@ -50,11 +51,13 @@ class Segmenter(nn.Module):
         self.image_size = image_size
         self.num_classes = num_classes
         self.num_queries = mask_decoder.num_mask_tokens
+        self.head = head
         if num_classes > 1:
-            # one hypernetwork MLP shared by all Q tokens; a class MLP on every token (C + 1 logits)
+            # one hypernetwork MLP shared by all Q tokens; a class head on every token (C + 1 logits)
             self.mask_decoder.output_hypernetworks_mlps = nn.ModuleList(
                 [self.mask_decoder.output_hypernetworks_mlps[0]])
-            self.mask_decoder.class_head = MLP(PROMPT_DIM, PROMPT_DIM, num_classes + 1, 2)
+            layers = 1 if head == "official" else 2  # SAM's MLP with one layer is one Linear, no activation
+            self.mask_decoder.class_head = MLP(PROMPT_DIM, PROMPT_DIM, num_classes + 1, layers)
 
     # ------------------------------------------------------------ freezing
     def decoder_trainable_modules(self) -> list[nn.Module]:

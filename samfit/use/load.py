@@ -195,9 +195,10 @@ def _load(record: RunRecord, device, image_size):
     variant = get_variant(cfg.model)
     checkpoint = run_checkpoint(record)
     num_classes = record.num_classes
-    if num_classes > 1 and record.num_queries != 2 * num_classes:
+    queries = cfg.queries or 2 * num_classes  # what build_model makes of the run's `queries` setting
+    if num_classes > 1 and record.num_queries != queries:
         raise SamfitError(f"Run {record.folder} has {record.num_queries} mask tokens for {num_classes} classes; "
-                          f"samfit builds 2 per class. It was made by another samfit version; re-run it.")
+                          f"its config.yaml builds {queries}. It was made by another samfit version; re-run it.")
     cpu = torch.device("cpu")
     seed_everything(cfg.seed)  # as the run did before building: the same random SAM (tiny) and method init
     if size == cfg.image_size or checkpoint is not None:  # a checkpoint's tables are interpolated from 1024 px
