@@ -262,6 +262,8 @@ def methods(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     method_arg: Optional[List[str]] = typer.Option(None, "--method-arg", help="key=value for every method that "
                                                    "has the key (e.g. blocks=last:3); the others are left out."),
+    decoder: str = typer.Option("full", help="How much of the decoder trains: full, frozen or lora:R (counts "
+                                             "follow; methods that would train nothing are left out)."),
 ):
     """List the PEFT methods with their trainable parameter counts on MODEL."""
     import dataclasses
@@ -270,9 +272,11 @@ def methods(
 
     import samfit
     from samfit.keyvalue import parse_pairs
+    from samfit.model.decoder_lora import apply_decoder, normalise_decoder
     from samfit.model.sam import sam_total_parameters
 
     sam_total = sam_total_parameters(model)
+    decoder = normalise_decoder(decoder)
     args, rows = parse_pairs(method_arg, "--method-arg", "blocks=last:3"), []
     for name in samfit.list_methods():
         keys = {f.name for f in dataclasses.fields(type(samfit.get_method(name)).Config)}
@@ -281,16 +285,21 @@ def methods(
         method = samfit.get_method(name, **args)
         with torch.device("meta"):  # counting needs shapes only
             net = method.apply(samfit.build_model(model, num_classes=num_classes, image_size=256))
+            try:
+                apply_decoder(net, decoder)
+            except SamfitError:  # nothing would train (decoder-only with a frozen decoder)
+                continue
         counts = samfit.count_parameters(net)
         rows.append({"method": name, **counts, "percent_of_sam": 100 * counts["trainable"] / sam_total,
                      "hyperparameters": method.describe(), "identical_at_init": method.identical_at_init,
-                     "mergeable": method.mergeable, "summary": method.summary})
+                     "mergeable": method.mergeable, "summary": method.summary, "decoder": decoder})
     if not rows:
         raise SamfitError(f"No method takes every --method-arg key given ({', '.join(args)}); see `samfit methods`.")
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    t = Table(title=f"PEFT methods on SAM {model} ({sam_total:,} parameters), num_classes={num_classes}")
+    t = Table(title=f"PEFT methods on SAM {model} ({sam_total:,} parameters), num_classes={num_classes}, "
+                    f"decoder {decoder}")
     for col in ("method", "encoder-side", "trainable", "% of SAM", "hyperparameters", "= SAM at init", "mergeable"):
         t.add_column(col, justify="right" if col in ("encoder-side", "trainable", "% of SAM") else "left")
     for r in rows:

@@ -106,6 +106,9 @@ class RunConfig:
                                   positive=True)
     method_args: dict = setting({}, "The method's hyperparameters, key=value (see `samfit methods`).",
                                 flag="method-arg")
+    decoder: str = setting("full", "How much of the cut mask decoder trains: full (the paper's), frozen (only the "
+                                   "method's encoder-side parts train), or lora:R (LoRA of rank R on the "
+                                   "decoder's attention projections, plus its output tokens; the rest frozen).")
     limit_train: int | None = setting(None, "Use only the first N training images.", positive=True)
     train_fraction: float = setting(1.0, "Train on this share (0 < F <= 1) of the training split: a fixed "
                                          "subset, the same images for every method and seed, nested across "
@@ -147,6 +150,9 @@ class RunConfig:
             check_image_size(self.image_size)
         method = get_method(self.method, **self.method_args)  # the method's own Config checks its arguments
         self.method_args = {k: _plain(getattr(method.config, k)) for k in self.method_args}  # typed, not text
+        from samfit.model.decoder_lora import normalise_decoder
+
+        self.decoder = normalise_decoder(self.decoder)
         if self.train_fraction > 1:
             raise SamfitError(f"--train-fraction {self.train_fraction}: must be in (0, 1].")
         if self.effective_batch % self.batch_size:
@@ -167,6 +173,8 @@ class RunConfig:
         method = method_label(self.method, self.method_args)
         suffix = "" if self.protocol == "samfit" else f"_{self.protocol}"  # beside samfit's run, not over it
         suffix = (f"_f{self.train_fraction:g}" if self.train_fraction < 1 else "") + suffix
+        if self.decoder != "full":  # beside the full-decoder run, e.g. _dec-frozen, _dec-lora4
+            suffix = f"_dec-{self.decoder.replace(':', '')}" + suffix
         return self.name or f"{Path(self.dataset).stem}_{method}_{self.model}_{self.image_size}_s{self.seed}{suffix}"
 
     def to_dict(self) -> dict:

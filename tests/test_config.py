@@ -23,7 +23,7 @@ FILE_VALUES = {
     "limit_eval": 5, "eval_resolution": "model", "num_workers": 2, "datasets_file": None, "data_root": "/data",
     "skip_bad": True, "detect_anomaly": True, "cache_embeddings": "off", "cache_max_mb": 100, "out": "elsewhere",
     "name": "from-file", "protocol": "official", "decay_exclude": "bias-norm",
-    "train_fraction": 0.5, "head": "official", "queries": 10,
+    "train_fraction": 0.5, "head": "official", "queries": 10, "decoder": "lora:4",
 }
 # Another valid value for every field, as flags would give it.
 FLAG_VALUES = {
@@ -33,7 +33,7 @@ FLAG_VALUES = {
     "loss": "bce", "method_args": {"rank": 2}, "limit_train": 11, "limit_eval": 6, "eval_resolution": "gt",
     "num_workers": 0, "datasets_file": None, "data_root": "/data2", "skip_bad": False, "detect_anomaly": False,
     "cache_embeddings": "on", "cache_max_mb": 200, "out": "there", "name": "from-flags", "protocol": "samfit",
-    "decay_exclude": "none", "train_fraction": 0.25, "head": "samfit", "queries": 8,
+    "decay_exclude": "none", "train_fraction": 0.25, "head": "samfit", "queries": 8, "decoder": "frozen",
 }
 
 

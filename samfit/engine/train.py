@@ -38,6 +38,7 @@ from samfit.methods import get_method
 from samfit.model.attention import set_attention
 from samfit.model import build_model
 from samfit.model.checkpointing import set_grad_checkpoint
+from samfit.model.decoder_lora import apply_decoder
 from samfit.model.sam import get_variant, resolve_checkpoint, sam_total_parameters
 from samfit.params import count_parameters
 
@@ -52,11 +53,11 @@ class Interrupted(SamfitError):
 
 
 def build_model_for(cfg: RunConfig, num_classes: int, device: torch.device, checkpoint=None):
-    """The Segmenter a run trains: SAM (from `checkpoint`, else random), the method applied, the attention
-    kind and activation checkpointing set, on the device."""
+    """The Segmenter a run trains: SAM (from `checkpoint`, else random), the method applied, the decoder's
+    share set (`--decoder`), the attention kind and activation checkpointing set, on the device."""
     model = build_model(cfg.model, num_classes=num_classes, image_size=cfg.image_size, checkpoint=checkpoint,
                         num_queries=cfg.queries, head=cfg.head)
-    get_method(cfg.method, **cfg.method_args).apply(model)
+    apply_decoder(get_method(cfg.method, **cfg.method_args).apply(model), cfg.decoder)
     set_grad_checkpoint(set_attention(model, cfg.attention), cfg.grad_checkpoint)
     return model.to(device)
 
@@ -339,7 +340,7 @@ class Run:
             "selection": {**self.selection, "best_epoch": state.best_epoch, "value": state.best},
             "params": {**self.counts, "sam_total": sam_total,
                        "percent_of_sam": 100 * self.counts["trainable"] / sam_total},
-            "method_args": get_method(cfg.method, **cfg.method_args).describe(),
+            "method_args": get_method(cfg.method, **cfg.method_args).describe(), "decoder": cfg.decoder,
             "throughput": {"train_img_per_s": dist.images_per_s(self.train_timer), "eval_img_per_s": eval_img_per_s,
                            "step_time_s": self.train_timer.median},
             "peak_memory_mb": dist.max(peak_memory_mb(self.device)), "peak_memory_kind": peak_memory_kind(self.device),
