@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_prepare import (Expect, binary_mask, build_csv_zip_tree, build_isic, build_sbu, build_trans10k_v1, photo,
-                          save, zip_folder)
+from test_prepare import (Expect, binary_mask, build_cod, build_csv_zip_tree, build_isic, build_polyp, build_sbu,
+                          build_trans10k_v1, photo, save, zip_folder)
 
 from samfit.data import ensure_available, resolve_dataset, selection_pairs
 from samfit.data.check import check_dataset
@@ -95,6 +95,56 @@ def test_conv_lora_zip_lacking_test_sets_prepares_checks_and_selects(dataset, mi
     code, stdout, error = cli("data", "check", dataset)
     assert code == 0, error
     assert all(s in stdout for s in present) and "every split is consistent" in stdout
+
+
+@pytest.mark.slow  # a 1-epoch tiny run on the prepared data (~5 s)
+@pytest.mark.parametrize("dataset, removed", [("polyp", ["CVC-ColonDB", "ETIS-LaribPolypDB", "CVC-300"]),
+                                              ("cod", ["COD10K"])])
+def test_folder_download_lacking_test_sets_prepares_and_runs_on_those_present(dataset, removed, tmp_path, data_root):
+    """PraNet's polyp TestDataset/ and SINet-V2's COD TestDataset/ with some test set folders absent (downloaded
+    one by one, or not at all): prepared, checked and scored on the sets present; the others named."""
+    from typer.testing import CliRunner
+
+    from samfit.cli import app
+    from samfit.config import make_config
+    from samfit.engine.train import run
+
+    expect = (build_polyp if dataset == "polyp" else build_cod)(tmp_path / "src")
+    sets = next(p for p in (tmp_path / "src").rglob("TestDataset") if not (p / "TestDataset").is_dir())
+    for name in removed:
+        shutil.rmtree(sets / name)
+        expect.splits.pop({"ETIS-LaribPolypDB": "etis"}.get(name, name.lower()))
+    add_junk(tmp_path / "src")
+    archive = zip_folder(tmp_path / "src", tmp_path / f"{dataset}.zip")
+    result = CliRunner().invoke(app, ["data", "prepare", dataset, "--source", str(archive)])
+    assert result.exit_code == 0, result.output
+    spec = resolve_dataset(dataset)
+    missing = [t for t in spec.test if t not in expect.splits]
+    present = [t for t in spec.test if t in expect.splits]
+    assert len(missing) == len(removed) and present
+    said = " ".join(result.output.split())
+    assert f"lacks {', '.join(missing)}" in said and f"scoring the test set(s) {', '.join(present)}" in said
+    out = data_root / dataset
+    expect.verify(out)  # every pair of the sets present, and no folder for the absent ones
+    assert ensure_available(spec) == out and spec.eval_splits == present and spec.missing_tests == missing
+    train, selection, how = selection_pairs(spec, out)  # no val folder: a fixed share of train picks the epoch
+    assert len(train) + len(selection) == len(expect.splits["train"]) and len(selection) >= 1
+    result = CliRunner().invoke(app, ["data", "check", dataset])
+    assert result.exit_code == 0 and "every split is consistent" in result.output, result.output
+    folder = run(make_config(method="decoder-only", dataset=dataset, model="tiny", image_size=32, epochs=1,
+                             batch_size=1, effective_batch=1, device="cpu", out=str(tmp_path / "runs")), quiet=True)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert sorted(metrics["scores"]) == sorted(present) and metrics["missing_test_sets"] == missing
+
+
+def test_a_test_set_folder_without_its_masks_is_refused_by_name(tmp_path):
+    build_polyp(tmp_path / "src")
+    broken = tmp_path / "src" / "TestDataset" / "TestDataset" / "ETIS-LaribPolypDB"
+    shutil.rmtree(broken / "masks")
+    with pytest.raises(SamfitError) as e:
+        prepare_dataset("polyp", tmp_path / "src", tmp_path / "data", progress=False)
+    assert f"The test set folder {broken} lacks its images/ or masks/ folder (it holds images)" in str(e.value)
+    assert not (tmp_path / "data" / "polyp").exists()
 
 
 def test_missing_every_test_set_is_still_refused(tmp_path, data_root):

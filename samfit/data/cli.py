@@ -22,7 +22,13 @@ def data_prepare(
     from samfit.data.prepare import prepare_dataset
     from samfit.data.registry import data_root as root_of
 
+    from samfit.data.registry import ensure_available, missing_tests_note, resolve_dataset
+
     folder = prepare_dataset(name, source if len(source) > 1 else source[0], root_of(data_root))
+    spec = resolve_dataset(name)
+    ensure_available(spec, data_root)  # which of the dataset's test sets the download held
+    if spec.missing_tests:
+        err.print(f"[yellow]{missing_tests_note(spec)}", highlight=False)
     console.print(f"[green]prepared[/] {folder}; check it with `samfit data check {name}`")
 
 

@@ -172,19 +172,23 @@ def sets_folder(index: DirIndex, name: str, sets: dict[str, str], groups) -> Pat
 
 
 def find_test_sets(dataset: str, tree: str, folder: Path, sets: dict[str, str], images, masks, **kw) -> Splits:
-    """One split per test set folder of `folder` (`sets`: official folder -> split); all must be there."""
-    splits, missing = {}, []
+    """One split per test set folder of `folder` (`sets`: official folder -> split). A download may lack some
+    test sets (the run scores those present and names the others); a set folder that is there but lacks its
+    images or masks folder is an error."""
+    splits, broken = {}, []
     for official, split in sets.items():
         set_dir = child(folder, official)
-        if set_dir is None or not has(images, masks)(set_dir):
-            missing.append(official)
+        if set_dir is None:
+            continue  # not in this download
+        if not has(images, masks)(set_dir):
+            broken.append(set_dir)
             continue
         splits[split] = pair_folder(child(set_dir, *images), child(set_dir, *masks), **kw)
-    if missing:
-        found = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _ignored(e.name))
-        raise layout_error(dataset, tree, f"{folder} lacks the test set folder(s) {', '.join(missing)} (each "
-                                          f"with {images[0]}/ and {masks[0]}/ inside); it holds "
-                                          f"{', '.join(found) or 'no folders'}.")
+    if broken:
+        found = sorted(e.name for e in os.scandir(broken[0]) if not _ignored(e.name))
+        raise layout_error(dataset, tree, f"The test set folder {broken[0]} lacks its {images[0]}/ or "
+                                          f"{masks[0]}/ folder (it holds {', '.join(found[:6]) or 'nothing'}). "
+                                          f"Unpack that test set again, or remove its folder to prepare without it.")
     return splits
 
 
