@@ -267,11 +267,12 @@ def uncertain_points(logits: torch.Tensor, num_points: int, generator=None) -> t
 @torch.no_grad()
 def official_match(class_logits, mask_logits, labels, masks, num_points, generator=None):
     """One image's matching on P uniform points shared by predictions and targets: cost = 1·(−p_class)
-    + 5·mean-point BCE + 5·dice, minimised by `linear_sum_assignment`."""
+    + 5·mean-point BCE + 5·dice, minimised by `linear_sum_assignment`. The points are drawn even for an image
+    without target masks, as HF's matcher does, so every later draw is the same as the official code's."""
+    coords = uniform_points(1, num_points, mask_logits, generator)
     if labels.numel() == 0:
         empty = torch.zeros(0, dtype=torch.int64)
         return empty, empty.clone()
-    coords = uniform_points(1, num_points, mask_logits, generator)
     t = sample_points(masks[:, None].to(mask_logits), coords.expand(masks.shape[0], -1, -1))
     x = sample_points(mask_logits[:, None], coords.expand(mask_logits.shape[0], -1, -1))
     cost_class = -class_logits.softmax(-1)[:, labels]
