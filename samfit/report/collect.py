@@ -12,8 +12,8 @@ from samfit.config import method_label
 from samfit.errors import SamfitError
 
 PER_IMAGE = "per_image.csv"
-IDENTITY = ("run", "method", "model", "image_size", "seed", "trainable", "encoder_trainable", "percent_of_sam",
-            "train_img_per_s", "step_time_s", "eval_img_per_s", "peak_memory_mb", "device", "path")  # not scores
+IDENTITY = ("run", "method", "model", "protocol", "image_size", "seed", "trainable", "encoder_trainable",  # not scores
+            "percent_of_sam", "train_img_per_s", "step_time_s", "eval_img_per_s", "peak_memory_mb", "device", "path")
 EVAL_MARK = "→"  # an evaluation's dataset in the table: '<trained on>→<eval name>', e.g. 'polyp→hospital2'
 
 
@@ -31,7 +31,8 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
         for split, scores in m["scores"].items():
             row = {"run": str(path.parent.relative_to(root)) or ".", "method": method_label(m["method"], m.get("method_args")),
                    "dataset": fraction_label(m["dataset"], m.get("train_fraction", 1.0)),
-                   "test_set": split, "model": m["model"], "image_size": m["image_size"], "seed": m["seed"],
+                   "test_set": split, "model": protocol_label(m["model"], m.get("protocol", "samfit")),
+                   "protocol": m.get("protocol", "samfit"), "image_size": m["image_size"], "seed": m["seed"],
                    "headline": m["headline"]["metric"], "lower_is_better": m["headline"]["lower_is_better"],
                    "trainable": m["params"]["trainable"], "encoder_trainable": m["params"]["encoder_trainable"],
                    "percent_of_sam": m["params"]["percent_of_sam"],
@@ -81,6 +82,12 @@ def fraction_label(dataset: str, fraction: float) -> str:
     """A dataset as tables, comparisons and plots key it: with the share of train when below 1
     ('polyp@f0.25'), so runs on different fractions are never averaged or paired together."""
     return dataset if fraction >= 1 else f"{dataset}@f{fraction:g}"
+
+
+def protocol_label(model: str, protocol: str) -> str:
+    """A run's model as reports key it: with its protocol when that is not samfit's ('vit_h (official)'), so runs
+    of the two recipes are never averaged, paired or ranked together, and a table mixing them marks each row."""
+    return model if protocol == "samfit" else f"{model} ({protocol})"
 
 
 def run_setting(run_dir: str | Path, key: str):

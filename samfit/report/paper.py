@@ -8,6 +8,11 @@ conventions: `weighted_f_beta2_0.3` for F^w_β, `ber_per_image` for BER, `miou_t
 `Δ` column (samfit's mean minus the paper's value, in the same units), and a `paper source` column per method.
 Given the runs, Δ compares the paper with the `computed_as` column, and the Δ column's name says so
 (`sbu ber Δ vs ber_per_image`); runs that lack that column are compared on `metric`, and a note says which.
+
+The paper's numbers come from the official code's recipe, so Δ compares them with the runs of `--protocol
+official` (reports key those rows by 'vit_h (official)', `collect.protocol_label`); rows of samfit's protocol in
+the same table show the paper's value without a Δ. Only when no row is official is Δ taken from samfit's runs, and
+a note says the recipes differ. A `protocol` column marks every row.
 """
 from __future__ import annotations
 
@@ -16,10 +21,17 @@ from pathlib import Path
 import pandas as pd
 
 from samfit.errors import SamfitError
+from samfit.report.collect import protocol_label
 from samfit.report.table import column_label, display_scale
 
 REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "paper_reference.csv"
 COLUMNS = ("dataset", "test_set", "metric", "method", "value", "source")
+PAPER_PROTOCOL = "official"  # the recipe the published numbers were made with
+
+
+def row_protocol(model: str) -> str:
+    """The protocol of a report row from its model label ('vit_h (official)' → official, 'vit_h' → samfit)."""
+    return PAPER_PROTOCOL if model.endswith(protocol_label("", PAPER_PROTOCOL)) else "samfit"
 
 
 def load_reference(path: str | Path | None = None) -> pd.DataFrame:
@@ -80,16 +92,20 @@ def add_paper(grid: pd.DataFrame, summary: pd.DataFrame, reference: pd.DataFrame
 
     out = grid.copy()
     shown = [c for c in grid.columns if c in by_label]
-    notes = []
+    rows = list(grid.itertuples(index=False))
+    protocols = [row_protocol(row[1]) for row in rows]
+    like_paper = PAPER_PROTOCOL in protocols  # compare with the official runs only, when there are any
+    compared = [p == PAPER_PROTOCOL or not like_paper for p in protocols]
+    notes = protocol_notes(protocols) if shown else []
     for label in shown:
         paper, delta = [], []
-        rows = list(grid.itertuples(index=False))
-        use_official = label in computed_as and any((row[0], row[1], label) in official for row in rows)
+        use_official = label in computed_as and any((row[0], row[1], label) in official
+                                                    for row, c in zip(rows, compared) if c)
         source = official if use_official else ours
-        for row in rows:
+        for row, counted in zip(rows, compared):
             method, model = row[0], row[1]
             value = published.get((method, label))
-            mine = source.get((method, model, label))
+            mine = source.get((method, model, label)) if counted else None
             paper.append("—" if value is None else value[2])
             delta.append("—" if value is None or mine is None else f"{mine - value[0]:+.2f}")
         at = list(out.columns).index(label) + 1
@@ -102,6 +118,7 @@ def add_paper(grid: pd.DataFrame, summary: pd.DataFrame, reference: pd.DataFrame
                             f"{label.split()[-1]} − paper, as these runs have no {computed_as[label]} column "
                             f"(re-evaluate them to compare like with like)"))
     if shown:
+        out.insert(list(out.columns).index("model") + 1, "protocol", protocols)
         out["paper source"] = ["; ".join(sorted({published[(row[0], label)][1] for label in shown
                                                  if (row[0], label) in published})) or "—"
                                for row in grid.itertuples(index=False)]
@@ -112,3 +129,17 @@ def add_paper(grid: pd.DataFrame, summary: pd.DataFrame, reference: pd.DataFrame
         notes.append(f"published numbers without a column here: {', '.join(missing)} (run those datasets, or "
                      f"pick the metric with --metric)")
     return out, notes
+
+
+def protocol_notes(protocols: list[str]) -> list[str]:
+    """What Δ compares the paper with, given the rows' protocols."""
+    official, samfit = protocols.count(PAPER_PROTOCOL), protocols.count("samfit")
+    if not official:
+        return ["no row here ran --protocol official, the recipe the paper's numbers came from: Δ compares the "
+                "paper with samfit's protocol, whose loss, batching, optimiser groups and scoring differ "
+                "(docs/reference.md, Differences from the official code; benchmarks/paper.yaml runs the official one)"]
+    note = (f"Δ compares the paper with the {official} row(s) of the official protocol (the recipe its numbers "
+            f"came from), in the columns computed the paper's way where they differ")
+    if samfit:
+        note += f"; the {samfit} row(s) of samfit's protocol show the paper's value without Δ"
+    return [note]
