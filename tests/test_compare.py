@@ -25,8 +25,8 @@ def image_rows(rng, n, quality):
     return rows
 
 
-def write_run(root, method, seed, rows, dataset="blobs", per_image=True):
-    folder = root / f"{dataset}_{method}_tiny_64_s{seed}"
+def write_run(root, method, seed, rows, dataset="blobs", per_image=True, fraction=1.0):
+    folder = root / (f"{dataset}_{method}_tiny_64_s{seed}" + ("" if fraction == 1 else f"_f{fraction:g}"))
     folder.mkdir(parents=True)
     scores = {t: recompute(r.drop(columns=["test_set"])) for t, r in rows.groupby("test_set")}
     (folder / "metrics.json").write_text(json.dumps({
@@ -34,7 +34,8 @@ def write_run(root, method, seed, rows, dataset="blobs", per_image=True):
         "headline": {"metric": "iou_per_image", "lower_is_better": False, "value": scores["test"]["iou_per_image"],
                      "split": "test"},
         "scores": scores, "params": {"trainable": 10, "encoder_trainable": 1, "percent_of_sam": 1.0},
-        "throughput": {"train_img_per_s": 1.0, "step_time_s": 0.1, "eval_img_per_s": 1.0}, "peak_memory_mb": 1.0}))
+        "throughput": {"train_img_per_s": 1.0, "step_time_s": 0.1, "eval_img_per_s": 1.0}, "peak_memory_mb": 1.0,
+        "train_fraction": fraction}))
     if per_image:
         rows.to_csv(folder / "per_image.csv", index=False)
 

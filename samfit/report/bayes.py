@@ -19,6 +19,13 @@ from samfit.report.ranks import GROUP, block_means, method_order
 SAMPLES = 50000
 
 
+def check_rope(rope: float) -> float:
+    if not (rope >= 0 and np.isfinite(rope)):
+        raise SamfitError(f"--rope {rope:g}: give the half-width of practical equivalence in the table's units "
+                          f"(points: 0.5 = half an IoU point), 0 or more.")
+    return rope
+
+
 def block_differences(runs: pd.DataFrame, baseline: str, metric: str | None = None) -> dict[str, pd.DataFrame]:
     """method -> a frame indexed by test set with the method's and the baseline's means (columns `method`,
     `baseline`) in table units, higher is better."""
@@ -38,14 +45,12 @@ def block_differences(runs: pd.DataFrame, baseline: str, metric: str | None = No
 
 
 def signed_rank(runs: pd.DataFrame, baseline: str, rope: float, metric: str | None = None,
-                seed: int = 0) -> tuple[list[dict], list[str]]:
+                seed: int = 0, samples: int = SAMPLES) -> tuple[list[dict], list[str]]:
     """(records, notes): per method with 2 or more test sets shared with the baseline: p_better,
     p_equivalent, p_worse, the test sets and the rope (table units)."""
     import baycomp
 
-    if not (rope >= 0 and np.isfinite(rope)):
-        raise SamfitError(f"--rope {rope}: give the half-width of practical equivalence in the table's units "
-                          f"(points: 0.5 = half an IoU point), 0 or more.")
+    check_rope(rope)
     records, notes = [], []
     diffs = block_differences(runs, baseline, metric)
     for method in method_order(diffs):
@@ -55,7 +60,7 @@ def signed_rank(runs: pd.DataFrame, baseline: str, rope: float, metric: str | No
                          f"across test sets needs 2 or more.")
             continue
         x, y = frame["method"].to_numpy(np.float64), frame["baseline"].to_numpy(np.float64)
-        probs = baycomp.SignedRankTest.probs(x, y, rope, nsamples=SAMPLES, random_state=seed)
+        probs = baycomp.SignedRankTest.probs(x, y, rope, nsamples=samples, random_state=seed)
         if rope == 0:  # baycomp gives (left, right) without a rope
             probs = (probs[0], 0.0, probs[1])
         records.append({"method": method, "baseline": baseline, "rope": rope, "test_sets": len(frame),

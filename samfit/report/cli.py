@@ -54,6 +54,10 @@ def compare(
 
     if fmt not in FORMATS:
         raise SamfitError(f"--format {fmt}: choose one of {', '.join(FORMATS)}.")
+    if rope is not None:
+        from samfit.report.bayes import check_rope
+
+        check_rope(rope)
     from samfit.report.select import apply_select
 
     runs = apply_select(load_runs(results), results, select, lambda text: err.print(text, highlight=False))
@@ -161,6 +165,10 @@ def report(
     from samfit.report.compare import Settings
     from samfit.report.html import build_report
 
+    if rope is not None:
+        from samfit.report.bayes import check_rope
+
+        check_rope(rope)
     notes: list[str] = []
     runs = apply_select_quiet(results, select, notes)
     write_text(out, build_report(runs, results, baseline, metric, Settings(confidence, resamples, seed), rope,
