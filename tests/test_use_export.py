@@ -1,6 +1,8 @@
-"""`samfit export`: a LoRA run on ViT-B (from a randomly initialised checkpoint written in the official key layout,
-trained one step at 64 px) exported as a plain SAM checkpoint that segment_anything loads strictly, its encoder at
-1024 px load_run(run, image_size=1024)'s merged, SamPredictor working with a box; the adapter format; refusals."""
+"""`samfit export`: LoRA, SSF and BitFit runs on ViT-B (from a randomly initialised checkpoint written in the official
+key layout, trained two steps at 256 px) exported as plain SAM checkpoints that segment_anything loads strictly; the
+exported image encoder at 1024 px computes load_run(run, image_size=1024)'s (LoRA: one forward each, within 1e-4
+relative in fp32; SSF and BitFit: the same weights as load_run's merged encoder, exactly) and SamPredictor segments
+with a box; the adapter format; refusals; the box-prompted evaluation on both decoders."""
 import json
 import shutil
 
@@ -16,10 +18,13 @@ from samfit.config import make_config
 from samfit.engine.train import run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+METHODS = ("lora", "ssf", "bitfit")
+CHANGED = {"lora": "blocks.0.attn.qkv.weight", "ssf": "blocks.0.attn.qkv.weight", "bitfit": "blocks.0.attn.qkv.bias"}
 
 
 @pytest.fixture(scope="module")
-def vit_b_run(tmp_path_factory):
+def vit_b_runs(tmp_path_factory):
+    """{method: run folder} of one source checkpoint, plus (checkpoint path, its state)."""
     tmp = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     sam = sam_model_registry["vit_b"]()
@@ -31,15 +36,32 @@ def vit_b_run(tmp_path_factory):
     checkpoint = tmp / "sam_vit_b_random.pth"
     torch.save(state, checkpoint)
     del sam
-    folder = run(make_config(method="lora", dataset="shapes", model="vit_b", checkpoint=str(checkpoint),
-                             image_size=64, epochs=1, limit_train=2, limit_eval=1, batch_size=2, effective_batch=2,
-                             lr=1e-2, device="cpu", out=str(tmp / "runs"), data_root=str(tmp / "data")), quiet=True)
-    return folder, checkpoint, state
+    folders = {m: run(make_config(method=m, dataset="shapes", model="vit_b", checkpoint=str(checkpoint),
+                                  image_size=256, epochs=1, limit_train=4, limit_eval=1, batch_size=2,
+                                  effective_batch=2, lr=1e-2, device="cpu", out=str(tmp / "runs"),
+                                  data_root=str(tmp / "data")), quiet=True) for m in METHODS}
+    return folders, checkpoint, state
+
+
+@pytest.fixture(scope="module")
+def vit_b_run(vit_b_runs):
+    folders, checkpoint, state = vit_b_runs
+    return folders["lora"], checkpoint, state
+
+
+def shapes_test_image(folder):
+    """(an RGB test image of the run's shapes data, its ground truth)."""
+    data = folder.parents[1] / "data" / "shapes"
+    image_path = sorted((data / "test" / "images").iterdir())[0]
+    gt = cv2.imread(str(data / "test" / "masks" / f"{image_path.stem}.png"), cv2.IMREAD_UNCHANGED) > 127
+    return np.ascontiguousarray(cv2.imread(str(image_path))[..., ::-1]), gt
 
 
 @pytest.mark.slow  # ViT-B: a training step, an export, three ViT-B builds
-def test_exported_lora_run_is_a_strict_sam_checkpoint(vit_b_run, tmp_path, cli):
-    folder, checkpoint, source = vit_b_run
+@pytest.mark.parametrize("method", METHODS)
+def test_exported_run_is_a_strict_sam_checkpoint_with_load_runs_weights(method, vit_b_runs, tmp_path, cli):
+    folders, checkpoint, source = vit_b_runs
+    folder = folders[method]
     metrics = json.loads((folder / "metrics.json").read_text())
     assert metrics["sam_checkpoint"]["path"] == str(checkpoint.resolve())
     out = tmp_path / "exported.pth"
@@ -59,12 +81,13 @@ def test_exported_lora_run_is_a_strict_sam_checkpoint(vit_b_run, tmp_path, cli):
     for key in ["mask_decoder.output_hypernetworks_mlps.0.layers.0.weight", "mask_decoder.transformer.layers.0."
                 "self_attn.q_proj.weight"]:
         assert torch.equal(exported[key], best[key]) and not torch.equal(exported[key], source[key]), key
-    qkv = "image_encoder.blocks.0.attn.qkv.weight"
-    assert (exported[qkv] - source[qkv]).abs().max() > 1e-4  # the trained update is merged in
-    # The encoder at 1024 px is load_run(run, image_size=1024)'s merged: equal weights (the same merge of the same
-    # tensors; position tables both the source's 1024 px originals), so the same function (the merge itself is
-    # checked function-wise in float64 by tests/test_use_merge.py; a ViT-B forward at 1024 px costs ~15 s here).
-    loaded = samfit.get_method("lora").merge(samfit.load_run(folder, device="cpu", image_size=1024))
+    changed = "image_encoder." + CHANGED[method]
+    assert (exported[changed] - source[changed]).abs().max() > 1e-4  # the trained encoder part is merged in
+    # The exported encoder has load_run(run, image_size=1024)'s merged weights exactly (the same merge of the same
+    # tensors; position tables both the source's 1024 px originals). That the merge computes the unmerged function
+    # is checked in float64 for every mergeable method (tests/test_use_merge.py) and, for LoRA, by one ViT-B forward
+    # at 1024 px below (a forward costs ~13 s here, so SSF and BitFit are checked on their weights).
+    loaded = samfit.load_run(folder, device="cpu", image_size=1024, merge=True)
     reference = loaded.image_encoder.state_dict()
     for key, value in sam.image_encoder.state_dict().items():
         assert torch.equal(value, reference[key]), key
@@ -74,6 +97,31 @@ def test_exported_lora_run_is_a_strict_sam_checkpoint(vit_b_run, tmp_path, cli):
     predictor.original_size, predictor.input_size, predictor.is_image_set = (1024, 1024), (1024, 1024), True
     masks, scores, _ = predictor.predict(box=np.array([100, 200, 600, 700]), multimask_output=False)
     assert masks.shape == (1, 1024, 1024) and np.isfinite(scores).all()
+
+
+@pytest.mark.slow  # two ViT-B forwards at 1024 px (~13 s each here)
+def test_exported_lora_encoder_at_1024_px_computes_load_runs_and_segments_a_box(vit_b_run, tmp_path):
+    from samfit.use.export import export_run
+    from samfit.use.promptable import component_boxes
+
+    folder, _, _ = vit_b_run
+    sam = sam_model_registry["vit_b"](checkpoint=str(export_run(folder, tmp_path / "sam.pth"))).eval()
+    image, gt = shapes_test_image(folder)
+    predictor = SamPredictor(sam)
+    predictor.set_image(image)  # the exported encoder on the image, as SamPredictor preprocesses it
+    resized = torch.as_tensor(predictor.transform.apply_image(image)).permute(2, 0, 1)[None].float()
+    x = sam.preprocess(resized)  # normalised with SAM's mean and std, padded to 1024 x 1024
+    loaded = samfit.load_run(folder, device="cpu", image_size=1024)  # unmerged: the run's own LoRA layers
+    assert any(type(m).__name__ == "LoRALinear" for m in loaded.image_encoder.modules())
+    with torch.no_grad():
+        expected = loaded.image_encoder(x)
+    # fp32: merged vs unmerged weights and SAM's attention vs samfit's sdpa kernel differ by rounding only
+    # (~1e-6 relative); a dropped or mis-scaled update moves the embedding far more (the update is >1e-4 above)
+    relative = ((predictor.features - expected).norm() / expected.norm()).item()
+    assert relative <= 1e-4, relative
+    boxes = component_boxes(gt)
+    masks, scores, _ = predictor.predict(box=boxes[0], multimask_output=False)
+    assert masks.shape == (1, *gt.shape) and masks.dtype == bool and np.isfinite(scores).all()
 
 
 @pytest.mark.slow
@@ -111,39 +159,50 @@ def test_adapter_format_and_refusals(vit_b_run, tmp_path, cli):
         shutil.move(moved, checkpoint)
 
 
-@pytest.mark.slow  # ViT-B at 1024 px: three image encodings (~15 s each here)
+@pytest.mark.slow  # ViT-B at 1024 px: three image encodings (~13 s each here)
 def test_box_prompts_score_sams_own_decoder_on_both_encoders(vit_b_run, tmp_path, cli):
-    from samfit.use.promptable import component_boxes
+    import copy
+
+    from segment_anything.modeling import Sam
+
+    from samfit.use.promptable import DECODERS, component_boxes, share_image
 
     folder, checkpoint, source = vit_b_run
     data = folder.parents[1] / "data" / "shapes"
-    code, _, message = cli("evaluate", folder, "--dataset", data, "--prompts", "box", "--limit", 1, "--device", "cpu")
+    code, out, message = cli("evaluate", folder, "--dataset", data, "--prompts", "box", "--limit", 1, "--device",
+                             "cpu")
     assert code == 0, message
+    said = " ".join(out.split())
+    assert "(adapted encoder, SAM's original decoder); plain SAM" in said and "trained decoder parts" in said
     result = json.loads((folder / "eval" / "shapes_box.json").read_text())
     test = result["scores"]["test"]
     assert result["prompts"] == "box" and result["headline"]["metric"] == "iou" and result["images"] == {"test": 1}
-    assert all(0 <= test[k] <= 1 for k in ("iou", "dice", "sam_iou", "sam_dice"))
+    assert result["decoders"] == DECODERS and result["merged"] is True
+    assert all(0 <= test[k] <= 1 for k in ("iou", "dice", "sam_iou", "sam_dice", "tuned_iou", "tuned_dice"))
     assert test["iou_change"] == pytest.approx(test["iou"] - test["sam_iou"])
-    # The adapted side is SamPredictor on the exported checkpoint's encoder (a mergeable method: the same merged
-    # encoder) with SAM's original decoder (the export writes the trained decoder parts in; SAM's own is scored)
+    # `iou` is SamPredictor with the exported checkpoint's encoder (a mergeable method: the same merged encoder) and
+    # SAM's original decoder; `tuned_iou` is SamPredictor on the exported checkpoint as it is (the run's trained
+    # decoder parts written into SAM's decoder)
     code, _, message = cli("export", folder, "--format", "sam", "--out", tmp_path / "sam.pth")
     assert code == 0, message
-    state = torch.load(tmp_path / "sam.pth", weights_only=True)
-    state.update({k: v for k, v in source.items() if k.startswith("mask_decoder.")})
-    sam = sam_model_registry["vit_b"]()
-    sam.load_state_dict(state)
-    image_path = sorted((data / "test" / "images").iterdir())[0]
-    gt = cv2.imread(str(data / "test" / "masks" / f"{image_path.stem}.png"), cv2.IMREAD_UNCHANGED) > 127
+    exported = sam_model_registry["vit_b"](checkpoint=str(tmp_path / "sam.pth")).eval()
+    decoder = copy.deepcopy(exported.mask_decoder)
+    decoder.load_state_dict({k[len("mask_decoder."):]: v for k, v in source.items() if k.startswith("mask_decoder.")})
+    original = Sam(exported.image_encoder, exported.prompt_encoder, decoder).eval()
+    image, gt = shapes_test_image(folder)
     boxes = component_boxes(gt)
     assert len(boxes) >= 1 and boxes[0][2] >= boxes[0][0]
-    predictor = SamPredictor(sam.eval())
-    predictor.set_image(np.ascontiguousarray(cv2.imread(str(image_path))[..., ::-1]))
-    union = np.zeros_like(gt)
-    for box in boxes:
-        masks, _, _ = predictor.predict(box=box, multimask_output=False)
-        union |= masks[0]
-    inter = (union & gt).sum()
-    assert test["iou"] == pytest.approx(inter / (union | gt).sum(), abs=1e-6)
+    tuned = SamPredictor(exported)
+    tuned.set_image(image)
+    plain = SamPredictor(original)
+    share_image(tuned, plain)  # the same encoder: one pass
+    for predictor, key in [(plain, "iou"), (tuned, "tuned_iou")]:
+        union = np.zeros_like(gt)
+        for box in boxes:
+            masks, _, _ = predictor.predict(box=box, multimask_output=False)
+            union |= masks[0]
+        assert test[key] == pytest.approx((union & gt).sum() / (union | gt).sum(), abs=1e-6), key
+    assert test["tuned_iou"] != test["iou"]  # the two decoders differ, so the comparison can tell them apart
     tiny = tmp_path / "tiny_run"  # a run without SAM weights: refused before anything is built
     (tiny / "checkpoints").mkdir(parents=True)
     (tiny / "config.yaml").write_text(yaml.safe_dump(make_config(method="lora", dataset="shapes", model="tiny",

@@ -46,6 +46,33 @@ def _gt(data_dir, image, split="test"):
     return cv2.imread(str(data_dir / split / "masks" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
 
 
+# predict and evaluate merge LoRA into SAM's weights; the run scored its test set unmerged. In fp32 the two differ
+# by rounding (~1e-7 relative), so a pixel can flip only where the unmerged probability is that close to a
+# threshold: scores must then be equal exactly unless some pixel lies within this margin of one.
+MARGIN = 1e-5
+THRESHOLDS = (0.5, 125 / 255, 125.5 / 255)  # IoU/Dice; BER per image (255·p > 125) and pooled (round(255·p) > 125)
+
+
+def unmerged_probabilities(folder, images) -> list[np.ndarray]:
+    """The run's own (unmerged) probabilities at each image's size, as predict computes them."""
+    import torch.nn.functional as F
+
+    from samfit.use.predict import read_rgb, to_input
+
+    model = samfit.load_run(folder, device="cpu")
+    out = []
+    for path in images:
+        image = read_rgb(path)
+        with torch.no_grad():
+            logits = model(to_input(image, model.run_config.image_size)[None])["logits"]
+        out.append(F.interpolate(logits.sigmoid(), size=image.shape[:2], mode="bilinear")[0, 0].numpy())
+    return out
+
+
+def near_a_threshold(probabilities) -> int:
+    return sum(int((np.abs(p - t) < MARGIN).sum()) for p in probabilities for t in THRESHOLDS)
+
+
 @whole_run
 def test_predict_then_score_gives_the_runs_numbers(trained, tmp_path, cli):
     folder, data_dir = trained
@@ -53,16 +80,19 @@ def test_predict_then_score_gives_the_runs_numbers(trained, tmp_path, cli):
     code, out, message = cli("predict", folder, *images, "--out", tmp_path / "pred", "--device", "cpu")
     assert code == 0, message
     evaluator = BinaryEvaluator(sod=False)
-    for image in images:
+    probabilities = unmerged_probabilities(folder, images)
+    for image, prob in zip(images, probabilities):
         mask = cv2.imread(str(tmp_path / "pred" / "masks" / f"{image.stem}.png"), cv2.IMREAD_UNCHANGED)
         gt = _gt(data_dir, image)
         assert mask.shape == gt.shape and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 255}
+        assert np.all(((mask > 127) == (prob > 0.5)) | (np.abs(prob - 0.5) < MARGIN))  # the merge flips none else
         evaluator.update(mask > 127, gt)
     expected = json.loads((folder / "metrics.json").read_text())["scores"]["test"]
     assert 0 < expected["iou_per_image"] < 1  # masks that are neither empty nor perfect: the comparison can fail
     # the dataset's metrics (IoU, Dice) threshold at 0.5 as the masks do; BER has its own threshold (125/255)
     declared = resolve_dataset("shapes").metrics
-    assert {k: v for k, v in evaluator.compute().items() if k in declared} == {k: expected[k] for k in declared}
+    if near_a_threshold(probabilities) == 0:  # else a pixel may flip by rounding alone (checked above)
+        assert {k: v for k, v in evaluator.compute().items() if k in declared} == {k: expected[k] for k in declared}
 
 
 @whole_run
@@ -171,7 +201,8 @@ def test_a_missing_or_different_sam_checkpoint_is_named(tmp_path):
     path = tmp_path / "sam_vit_b_custom.pth"
     record = RunRecord(tmp_path, RunConfig(model="vit_b"), {"sam_checkpoint": {"path": str(path), "md5": "0" * 32}},
                        {})
-    with pytest.raises(SamfitError, match=r"sam_vit_b_custom.pth, which is not there.*samfit weights download vit_b"):
+    gone = r"(?s)sam_vit_b_custom.pth, which is not there.*samfit weights download vit_b"  # the message spans lines
+    with pytest.raises(SamfitError, match=gone):
         run_checkpoint(record)
     path.write_bytes(b"other weights")
     with pytest.raises(SamfitError, match=r"has MD5 [0-9a-f]{32}, but run .* MD5 0{32}"):
@@ -187,7 +218,11 @@ def test_evaluate_writes_eval_json_and_leaves_metrics_json_alone(trained, cli):
     assert code == 0, message
     assert (folder / "metrics.json").read_bytes() == before
     result = json.loads((folder / "eval" / "again.json").read_text())
-    assert result["scores"]["test"] == json.loads(before)["scores"]["test"]  # the same test images, same protocol
+    if near_a_threshold(unmerged_probabilities(folder, first_images(data_dir))) == 0:  # see MARGIN
+        assert result["scores"]["test"] == json.loads(before)["scores"]["test"]  # the same images, same protocol
+    else:  # a few flipped pixels among LIMIT_EVAL images of 64 x 64
+        floats = lambda d: {k: v for k, v in d.items() if isinstance(v, float)}  # noqa: E731
+        assert floats(result["scores"]["test"]) == pytest.approx(floats(json.loads(before)["scores"]["test"]), abs=1e-2)
     rows = (folder / "eval" / "again_images.csv").read_text().splitlines()
     assert rows[0].startswith("split,image,iou,dice,iou_per_image,") and len(rows) == 1 + LIMIT_EVAL
     assert {"tp", "fp", "tn", "fn", "ber_tp"} <= set(rows[0].split(","))

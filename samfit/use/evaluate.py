@@ -33,7 +33,7 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
     from samfit.engine.evaluate import make_evaluator, per_image_rows, predict_batches, score_at
     from samfit.engine.step import autocast_for, pick_device, resolve_precision
     from samfit.use.load import load_run, read_run
-    from samfit.use.promptable import PROMPTS, evaluate_prompts
+    from samfit.use.promptable import DECODERS, PROMPTS, evaluate_prompts
 
     run_dir = Path(run_dir).expanduser()
     if run_dir.is_file():
@@ -78,7 +78,7 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
             autocast = autocast_for(precision, dev)[0]
         for split in ([] if prompts else splits):
             data = SegmentationFolder(split_pairs(spec, folder, split), cfg.image_size, spec.task, spec.num_classes,
-                                      limit=limit)
+                                      limit=limit, model=cfg.model)
             evaluator = make_evaluator(spec)
             task = progress.add_task(f"evaluate {spec.name}/{split}", total=len(data))
             split_rows = []
@@ -113,18 +113,32 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
         "scores": scores, "images": counts, "eval_resolution": "image" if prompts else cfg.eval_resolution,
         "image_size": 1024 if prompts else cfg.image_size, "device": str(dev),
         "precision": "fp32" if prompts else resolve_precision(precision, dev),
-        "merged": True if prompts else model.merged,  # the method folded into SAM's weights (mergeable methods)
+        "merged": _mergeable(record.config) if prompts else model.merged,  # folded into SAM's weights first
+        **({"decoders": DECODERS} if prompts else {}),
         "per_image": out.with_name(f"{name}_images.csv").name})
     return out
+
+
+def _mergeable(cfg) -> bool:
+    from samfit.methods import get_method
+
+    return get_method(cfg.method, **cfg.method_args).mergeable
 
 
 def headline_line(path: Path) -> str:
     """'<metric> on <split> = <value>' from an evaluation JSON."""
     from samfit.engine.rundir import read_json
 
-    head = read_json(path)["headline"]
+    result = read_json(path)
+    head = result["headline"]
     value = head["value"]
-    return f"{head['metric']} on {head['split']} = {value:.4f}" if isinstance(value, float) else str(head)
+    line = f"{head['metric']} on {head['split']} = {value:.4f}" if isinstance(value, float) else str(head)
+    if result.get("prompts"):  # say which decoder each number went through
+        scores = result["scores"][head["split"]]
+        line += (f" (adapted encoder, SAM's original decoder); plain SAM {scores['sam_iou']:.4f} "
+                 f"(change {scores['iou_change']:+.4f}); adapted encoder with the run's trained decoder parts "
+                 f"(the exported checkpoint) {scores['tuned_iou']:.4f}")
+    return line
 
 
 __all__ = ["evaluate_run", "headline_line"]

@@ -31,7 +31,7 @@ def _is_position_table(key: str) -> bool:
     return key == POSITION_TABLE[0] or key.endswith(POSITION_TABLE[1:])
 
 
-def _decoder_value(name: str, source: torch.Tensor, trained: dict) -> torch.Tensor:
+def decoder_value(name: str, source: torch.Tensor, trained: dict) -> torch.Tensor:
     """SAM's decoder tensor `name` (without the prefix) with the cut decoder's trained values written in."""
     key = "mask_decoder." + name
     if name == "mask_tokens.weight":
@@ -78,7 +78,7 @@ def sam_state(run_dir, out: Path | None = None) -> tuple[dict, str]:
         if key.startswith("image_encoder.") and not _is_position_table(key):
             new = trained[key]
         elif key.startswith("mask_decoder."):
-            new = _decoder_value(key[len("mask_decoder."):], value, trained)
+            new = decoder_value(key[len("mask_decoder."):], value, trained)
         else:  # position tables at 1024 px, the prompt encoder
             new = value
         if new.shape != value.shape:

@@ -9,6 +9,12 @@ inclusive pixel extent, XYXY), one mask per box (multimask_output=False), the im
 masks. Scores per split: per-image IoU and Dice averaged over the images with foreground, for the adapted
 encoder (`iou`, `dice`), for SAM's (`sam_iou`, `sam_dice`) and their differences (`iou_change`, `dice_change`: the
 gain, or forgetting when negative, that fine-tuning caused). Binary runs of vit_b/l/h only.
+
+Which decoder: the comparison holds SAM's original decoder fixed, so the change is the encoder's doing alone (a
+decoder-only run shows none, up to rounding); the run's decoder was trained without prompts (prompt-free, one mask
+token), so it is not SAM's promptable decoder. A third score, `tuned_iou`/`tuned_dice`, prompts the adapted encoder
+through the decoder as `samfit export --format sam` writes it (SAM's decoder with the run's trained parts written
+in: SamPredictor on the exported checkpoint). `DECODERS` names each column's decoder; the JSON records it.
 """
 from __future__ import annotations
 
@@ -21,6 +27,11 @@ import torch
 from samfit.errors import SamfitError
 
 PROMPTS = ("box",)
+DECODERS = {  # score columns -> the decoder they were prompted through (recorded in the evaluation JSON)
+    "iou, dice, sam_iou, sam_dice": "SAM's original mask decoder (the SAM checkpoint's, untouched by the run)",
+    "tuned_iou, tuned_dice": "SAM's mask decoder with the run's trained parts written in (mask token 0, hypernetwork "
+                             "MLP 0, transformer, upscaling), as `samfit export --format sam` writes it"}
+SCORES = ("iou", "dice", "sam_iou", "sam_dice", "tuned_iou", "tuned_dice")
 SAM_SIZE = 1024  # SamPredictor's input size: the one the prompt encoder and decoder were trained at
 
 
@@ -48,7 +59,10 @@ def _scores(pred: np.ndarray, gt: np.ndarray) -> tuple[float, float]:
 
 
 def sam_models(record, device: torch.device):
-    """(SAM with the run's adapted encoder, plain SAM), both in eval mode on `device`."""
+    """(SAM with the run's adapted encoder, the same with the run's trained decoder parts, plain SAM), in eval
+    mode on `device`; the first two share the encoder."""
+    import copy
+
     from segment_anything import sam_model_registry
     from segment_anything.modeling import Sam
 
@@ -67,16 +81,31 @@ def sam_models(record, device: torch.device):
     plain.load_state_dict(load_sam_state(run_checkpoint(record), cfg.model))
     # merged when mergeable: plain SAM's cost, and the very encoder `samfit export --format sam` writes
     model = load_run(record.folder, device="cpu", image_size=SAM_SIZE, merge=True)
-    adapted = Sam(_Encoder(model.image_encoder), plain.prompt_encoder, plain.mask_decoder)
-    return adapted.to(device).eval(), plain.to(device).eval()
+    from samfit.use.export import decoder_value
+
+    tuned_decoder, trained = copy.deepcopy(plain.mask_decoder), model.state_dict()
+    tuned_decoder.load_state_dict({k: decoder_value(k, v, trained) for k, v in plain.mask_decoder.state_dict().items()})
+    encoder = _Encoder(model.image_encoder)
+    adapted = Sam(encoder, plain.prompt_encoder, plain.mask_decoder)
+    tuned = Sam(encoder, plain.prompt_encoder, tuned_decoder)
+    return adapted.to(device).eval(), tuned.to(device).eval(), plain.to(device).eval()
+
+
+def share_image(source, target) -> None:
+    """Give SamPredictor `target` the image `source` has embedded (the two share an encoder): no second pass."""
+    target.features, target.original_size, target.input_size = source.features, source.original_size, source.input_size
+    target.is_image_set = True
 
 
 @torch.no_grad()
-def box_masks(predictor, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """The union of SAM's masks for `boxes` on an RGB uint8 image, at the image's size."""
-    predictor.set_image(image)
+def box_masks(predictor, image: np.ndarray | None, boxes: np.ndarray, shape=None) -> np.ndarray:
+    """The union of SAM's masks for `boxes` on an RGB uint8 image, at the image's size (`image` None: the one the
+    predictor holds, of `shape`)."""
+    if image is not None:
+        predictor.set_image(image)
     device = predictor.device
-    box = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes, device=device), image.shape[:2])
+    box = predictor.transform.apply_boxes_torch(torch.as_tensor(boxes, device=device),
+                                                shape if image is None else image.shape[:2])
     masks, _, _ = predictor.predict_torch(None, None, boxes=box, multimask_output=False)
     return masks.any(dim=0)[0].cpu().numpy()
 
@@ -96,7 +125,7 @@ def evaluate_prompts(record, spec, folder: Path, splits: list[str], device: str,
     if device not in DEVICES:
         raise SamfitError(f"--device {device!r}: choose one of {', '.join(DEVICES)}.")
     dev = pick_device(device)
-    adapted, plain = (SamPredictor(m) for m in sam_models(record, dev))
+    adapted, tuned, plain = (SamPredictor(m) for m in sam_models(record, dev))
     scores, rows, counts = {}, [], {}
     for split in splits:
         pairs = split_pairs(spec, folder, split)[:limit] if limit else split_pairs(spec, folder, split)
@@ -112,14 +141,17 @@ def evaluate_prompts(record, spec, folder: Path, splits: list[str], device: str,
                                       f"size {image.shape[1]}x{image.shape[0]} of {image_path}. Run `samfit data "
                                       f"check` on the dataset and fix the pair.")
                 iou, dice = _scores(box_masks(adapted, image, boxes), gt)
+                share_image(adapted, tuned)
+                tuned_iou, tuned_dice = _scores(box_masks(tuned, None, boxes, gt.shape), gt)
                 sam_iou, sam_dice = _scores(box_masks(plain, image, boxes), gt)
                 split_rows.append({"split": split, "image": str(image_path), "boxes": len(boxes), "iou": iou,
-                                   "dice": dice, "sam_iou": sam_iou, "sam_dice": sam_dice})
+                                   "dice": dice, "sam_iou": sam_iou, "sam_dice": sam_dice, "tuned_iou": tuned_iou,
+                                   "tuned_dice": tuned_dice})
             progress.advance(task)
         if not split_rows:
             raise SamfitError(f"No image of {spec.name}/{split} has foreground, so there is no box to prompt with. "
                               f"Choose a split with objects (--split).")
-        mean = {k: float(np.mean([r[k] for r in split_rows])) for k in ("iou", "dice", "sam_iou", "sam_dice")}
+        mean = {k: float(np.mean([r[k] for r in split_rows])) for k in SCORES}
         mean.update(iou_change=mean["iou"] - mean["sam_iou"], dice_change=mean["dice"] - mean["sam_dice"])
         scores[split], counts[split] = mean, len(split_rows)
         rows += split_rows
