@@ -9,6 +9,9 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[dev]'
+	# Meta's SAM 2 (an sdist): built against the venv's torch (no build isolation, which would fetch another
+	# torch) and without its optional CUDA extension (SAM2_BUILD_CUDA=0), so it installs on any machine
+	SAM2_BUILD_CUDA=0 $(PY) -m pip install -q --no-build-isolation sam2==1.1.0
 	touch $@
 
 # Two test workers with one thread each (also in the samfit processes the tests start): no oversubscription.

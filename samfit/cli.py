@@ -273,9 +273,10 @@ def methods(
     import samfit
     from samfit.keyvalue import parse_pairs
     from samfit.model.decoder_lora import apply_decoder, normalise_decoder
-    from samfit.model.sam import sam_total_parameters
+    from samfit.methods.base import missing_features
+    from samfit.model import total_parameters
 
-    sam_total = sam_total_parameters(model)
+    sam_total = total_parameters(model)
     decoder = normalise_decoder(decoder)
     args, rows = parse_pairs(method_arg, "--method-arg", "blocks=last:3"), []
     for name in samfit.list_methods():
@@ -283,6 +284,10 @@ def methods(
         if not set(args) <= keys:
             continue
         method = samfit.get_method(name, **args)
+        if missing_features(method, model):  # no faithful form on this backbone
+            rows.append({"method": name, "applies": False, "summary": method.summary,
+                         "needs": missing_features(method, model)})
+            continue
         with torch.device("meta"):  # counting needs shapes only
             net = method.apply(samfit.build_model(model, num_classes=num_classes, image_size=256))
             try:
@@ -298,11 +303,14 @@ def methods(
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    t = Table(title=f"PEFT methods on SAM {model} ({sam_total:,} parameters), num_classes={num_classes}, "
+    t = Table(title=f"PEFT methods on {model} ({sam_total:,} parameters), num_classes={num_classes}, "
                     f"decoder {decoder}")
     for col in ("method", "encoder-side", "trainable", "% of SAM", "hyperparameters", "= SAM at init", "mergeable"):
         t.add_column(col, justify="right" if col in ("encoder-side", "trainable", "% of SAM") else "left")
     for r in rows:
+        if r.get("applies") is False:
+            t.add_row(r["method"], "n/a", "n/a", "n/a", f"needs {', '.join(r['needs'])}", "-", "-")
+            continue
         t.add_row(r["method"], f"{r['encoder_trainable']:,}", f"{r['trainable']:,}", f"{r['percent_of_sam']:.3f}",
                   ", ".join(f"{k}={v}" for k, v in r["hyperparameters"].items()) or "-",
                   "yes" if r["identical_at_init"] else "no", "yes" if r["mergeable"] else "no")
@@ -326,16 +334,19 @@ def datasets(datasets_file: Optional[str] = typer.Option(None, help="Extra datas
 
 
 @weights_app.command("download")
-def weights_download(variant: str = typer.Argument(..., help="A SAM variant with official weights, e.g. vit_b.")):
-    """Download an official SAM checkpoint, verify its MD5, then move it into place."""
+def weights_download(variant: str = typer.Argument(..., help="A model with official weights, e.g. vit_b, "
+                                                              "sam2_hiera_t.")):
+    """Download a model's official checkpoint, verify its MD5 where one is published, then move it into place."""
     from samfit.download import download_file
-    from samfit.model.sam import checkpoint_dir, get_variant, weights_url
+    from samfit.model.backbones import checkpoint_dir, get_backbone, weights_url, where_to_get
 
-    v = get_variant(variant)
-    if not v.has_weights:
+    b = get_backbone(variant)
+    if not b.has_weights:
         raise SamfitError(f"Model '{variant}' has no official weights (it is random, for tests).")
-    dest = checkpoint_dir() / v.file
-    download_file(weights_url(variant), dest, md5=v.md5)
+    if weights_url(variant) is None:
+        raise SamfitError(f"samfit cannot download {variant}'s weights. {where_to_get(variant)}")
+    dest = checkpoint_dir() / b.weights.file
+    download_file(weights_url(variant), dest, md5=b.weights.md5)
     console.print(f"[green]saved[/] {dest}")
 
 

@@ -43,9 +43,9 @@ def _attention_kinds() -> tuple[str, ...]:
 
 
 def _model_names() -> tuple[str, ...]:
-    from samfit.model.sam import VARIANTS
+    from samfit.model.backbones import BACKBONES
 
-    return tuple(VARIANTS)
+    return tuple(BACKBONES)
 
 
 def _loss_names() -> tuple[str, ...]:
@@ -73,7 +73,8 @@ class RunConfig:
                                       "norms, scored at the input size, the official multi-class head); fills "
                                       "only the settings not given.",
                             choices=PROTOCOLS)
-    model: str = setting("tiny", "SAM variant (tiny: random weights, for tests and smoke runs).",
+    model: str = setting("tiny", "Backbone: a SAM variant, medsam_vit_b or a SAM 2.1 size (tiny, sam2_tiny: random "
+                                 "weights, for tests and smoke runs; docs/reference.md, Backbones).",
                          choices=_model_names)
     checkpoint: str | None = setting(None, "SAM checkpoint file (default: the official file in "
                                            "$SAMFIT_CHECKPOINTS).")
@@ -144,10 +145,10 @@ class RunConfig:
         for f in dataclasses.fields(self):
             check_value(f.name, getattr(self, f.name))
         from samfit.methods import get_method
-        from samfit.model.sam import check_image_size
+        from samfit.model.backbones import check_image_size
 
         if self.image_size is not None:
-            check_image_size(self.image_size)
+            check_image_size(self.model, self.image_size)
         method = get_method(self.method, **self.method_args)  # the method's own Config checks its arguments
         self.method_args = {k: _plain(getattr(method.config, k)) for k in self.method_args}  # typed, not text
         from samfit.model.decoder_lora import normalise_decoder
@@ -162,9 +163,10 @@ class RunConfig:
     def resolved(self, spec) -> "RunConfig":
         """Fill the dataset's defaults where the user gave none (its loss in the protocol's form)."""
         from samfit.losses import protocol_loss
-        from samfit.model.sam import get_variant
+        from samfit.model.backbones import check_image_size, get_backbone
 
-        size = self.image_size or get_variant(self.model).fixed_size or spec.image_size
+        size = self.image_size or get_backbone(self.model).fixed_size or spec.image_size
+        check_image_size(self.model, size)  # the dataset's default size must fit the backbone too
         return dataclasses.replace(self, image_size=size, epochs=self.epochs or spec.epochs,
                                    lr=self.lr if self.lr is not None else spec.lr,
                                    loss=self.loss or protocol_loss(self.protocol, spec.loss))

@@ -247,7 +247,7 @@ def preflight(runs: list[RunConfig]) -> None:
     """Before launching anything: every dataset is prepared (synthetic ones are generated here, once, not by
     concurrent workers) and every SAM checkpoint is there. Raises SamfitError naming what is missing."""
     from samfit.data import ensure_available, resolve_dataset
-    from samfit.model.sam import get_variant, resolve_checkpoint
+    from samfit.model.backbones import get_backbone, resolve_checkpoint
 
     problems, seen = [], set()
     for cfg in runs:
@@ -259,7 +259,7 @@ def preflight(runs: list[RunConfig]) -> None:
             except SamfitError as exc:
                 problems.append(str(exc))
         key = ("model", cfg.model, cfg.checkpoint)
-        if get_variant(cfg.model).has_weights and key not in seen:
+        if get_backbone(cfg.model).has_weights and key not in seen:
             seen.add(key)
             try:
                 resolve_checkpoint(cfg.model, cfg.checkpoint)

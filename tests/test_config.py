@@ -130,7 +130,8 @@ def test_config_file_method_is_the_method_that_trains(tmp_path, data_root):
     (["--batch-size", "3"], "--effective-batch 4 must be a multiple of --batch-size 3"),
     (["--image-size", "100"], "not a positive multiple of 16"),
     (["--method", "lorra"], "Did you mean 'lora'"),
-    (["--model", "vit_x"], "--model 'vit_x': choose one of vit_b, vit_l, vit_h, tiny. Did you mean 'vit_l'?"),
+    (["--model", "vit_x"], "--model 'vit_x': choose one of vit_b, vit_l, vit_h, tiny, medsam_vit_b, sam2_hiera_t, "
+                           "sam2_hiera_s, sam2_hiera_b+, sam2_hiera_l, sam2_tiny. Did you mean 'vit_l'?"),
     (["--method-arg", "rank=0"], "rank"),
     (["--method-arg", "rank"], "--method-arg 'rank' is not of the form KEY=VALUE"),
     (["--set", "epochs=abc"], "epochs must be an integer, got 'abc'"),

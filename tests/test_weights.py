@@ -11,6 +11,7 @@ from test_download import server  # noqa: F401  (the 127.0.0.1 file server fixtu
 from test_model import official_tiny_sam
 
 import samfit
+from samfit.model import backbones
 from samfit.model import sam as sam_module
 
 
@@ -27,6 +28,8 @@ def test_download_verifies_md5_then_the_weights_load(server, tmp_path, monkeypat
     variant = sam_module.Variant(64, 4, 2, (1, 3), window=4, file="sam_tiny_test.pth",
                                  md5=hashlib.md5(body).hexdigest(), fixed_size=128)
     monkeypatch.setitem(sam_module.VARIANTS, "tiny_official", variant)
+    weights = backbones.Weights(variant.file, backbones.SAM_URL + variant.file, variant.md5)
+    monkeypatch.setitem(backbones.BACKBONES, "tiny_official", backbones._sam("tiny_official", "tiny_official", weights))
     monkeypatch.setenv("SAMFIT_WEIGHTS_URL", _serve(server, variant.file, body))
     monkeypatch.setenv("SAMFIT_CHECKPOINTS", str(tmp_path / "ckpt"))
     from typer.testing import CliRunner
@@ -37,7 +40,7 @@ def test_download_verifies_md5_then_the_weights_load(server, tmp_path, monkeypat
     assert result.exit_code == 0, result.output
     dest = tmp_path / "ckpt" / "sam_tiny_test.pth"
     assert dest.read_bytes() == body
-    state = sam_module.load_sam_state(sam_module.resolve_checkpoint("tiny_official", None), "tiny")
+    state = sam_module.load_sam_state(backbones.resolve_checkpoint("tiny_official", None), "tiny")
     assert torch.equal(state["image_encoder.pos_embed"], official_tiny_sam().state_dict()["image_encoder.pos_embed"])
 
 

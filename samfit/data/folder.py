@@ -1,6 +1,7 @@
 """Image/mask pairs from a canonical split folder or a CSV, resized and normalised for SAM.
 
-Images: RGB, resized to S×S bicubic, normalised with SAM's pixel mean/std (0-255 scale).
+Images: RGB, resized to S×S bicubic, normalised as the model's backbone wants (samfit/model/backbones.py: SAM's
+and SAM 2's pixel mean/std on the 0-255 scale, MedSAM's min-max scaling to [0, 1]).
 Masks: resized nearest; binary -> float {0,1} (1, S, S); multi-class -> long class map (S, S), 255 = ignore.
 Augmentation (horizontal flip) is applied by the engine on the batch, from a seeded generator, so that
 it is reproducible across workers, resumes and ranks.
@@ -16,10 +17,7 @@ from torch.utils.data import Dataset
 
 from samfit.data.registry import IMAGE_SUFFIXES
 from samfit.errors import SamfitError
-from samfit.model import sam
-
-PIXEL_MEAN = np.array(sam.PIXEL_MEAN, np.float32)
-PIXEL_STD = np.array(sam.PIXEL_STD, np.float32)
+from samfit.model.backbones import normalisation
 
 
 def list_pairs(split_dir: Path) -> list[tuple[Path, Path]]:
@@ -56,8 +54,9 @@ class SegmentationFolder(Dataset):
     """(image, mask) pairs for one split, validated on first read of each item."""
 
     def __init__(self, pairs: list[tuple[Path, Path]], image_size: int, task: str, num_classes: int,
-                 limit: int | None = None, skip_bad: bool = False):
+                 limit: int | None = None, skip_bad: bool = False, model: str = "vit_b"):
         self.image_size, self.task, self.num_classes = image_size, task, num_classes
+        self.normalise = normalisation(model)  # the backbone's (SAM's mean/std, MedSAM's [0, 1] scaling)
         self.skipped: list[str] = []
         pairs = pairs[:limit] if limit else pairs
         if skip_bad:
@@ -101,7 +100,7 @@ class SegmentationFolder(Dataset):
         self._validate(image, mask, image_path, mask_path)
         s = self.image_size
         image = cv2.resize(image, (s, s), interpolation=cv2.INTER_CUBIC).astype(np.float32)
-        image = torch.from_numpy(((image - PIXEL_MEAN) / PIXEL_STD).transpose(2, 0, 1).copy())
+        image = torch.from_numpy(self.normalise(image).transpose(2, 0, 1).copy())
         mask = cv2.resize(mask, (s, s), interpolation=cv2.INTER_NEAREST)
         if self.task == "binary":
             target = torch.from_numpy((mask > 127).astype(np.float32))[None]

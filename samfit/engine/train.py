@@ -39,7 +39,8 @@ from samfit.model.attention import set_attention
 from samfit.model import build_model
 from samfit.model.checkpointing import set_grad_checkpoint
 from samfit.model.decoder_lora import apply_decoder
-from samfit.model.sam import get_variant, resolve_checkpoint, sam_total_parameters
+from samfit.model import total_parameters as sam_total_parameters
+from samfit.model.backbones import get_backbone, resolve_checkpoint
 from samfit.params import count_parameters
 
 console = Console(stderr=True)
@@ -149,7 +150,7 @@ class Run:
 
     def make_set(self, pairs, limit):
         return SegmentationFolder(pairs, self.cfg.image_size, self.spec.task, self.spec.num_classes, limit=limit,
-                                  skip_bad=self.cfg.skip_bad)
+                                  skip_bad=self.cfg.skip_bad, model=self.cfg.model)
 
     def prepare_data(self) -> None:
         self.folder = self.dist.main_first(ensure_available, self.spec, self.cfg.data_root)
@@ -164,7 +165,7 @@ class Run:
 
     def build(self) -> None:
         cfg, dist = self.cfg, self.dist
-        checkpoint = resolve_checkpoint(cfg.model, cfg.checkpoint) if get_variant(cfg.model).has_weights else None
+        checkpoint = resolve_checkpoint(cfg.model, cfg.checkpoint) if get_backbone(cfg.model).has_weights else None
         self.model = build_model_for(cfg, self.spec.num_classes, self.device, checkpoint)
         self.counts = count_parameters(self.model)
         dist.broadcast_parameters([p for p in self.model.parameters() if p.requires_grad])
@@ -323,7 +324,7 @@ class Run:
     def record(self, results: dict, eval_img_per_s: float, wall_time_s: float) -> None:
         cfg, spec, dist, state = self.cfg, self.spec, self.dist, self.state
         sam_total = sam_total_parameters(cfg.model)
-        checkpoint = resolve_checkpoint(cfg.model, cfg.checkpoint) if get_variant(cfg.model).has_weights else None
+        checkpoint = resolve_checkpoint(cfg.model, cfg.checkpoint) if get_backbone(cfg.model).has_weights else None
         if checkpoint is not None and self.writes:  # the SAM weights the run used, for samfit.load_run
             from samfit.download import md5sum
 

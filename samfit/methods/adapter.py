@@ -61,6 +61,7 @@ class AdapterConfig:
 @register_method
 class Adapter(Method):
     name = "adapter"
+    requires = frozenset({"mlp", "norms"})
     summary = "serial bottleneck adapters after the attention and the MLP of every block"
     Config = AdapterConfig
     identical_at_init = True
@@ -68,6 +69,6 @@ class Adapter(Method):
     def inject(self, model) -> None:
         m = self.config.bottleneck
         for block in self.selected_blocks(model):
-            dim = block.norm1.normalized_shape[0]
+            dim = block.norm2.normalized_shape[0]  # the attention's output width (Hiera: the block's dim_out)
             block.attn = SerialAdapter(block.attn, dim, m)
             block.mlp = SerialAdapter(block.mlp, dim, m)

@@ -54,6 +54,7 @@ class AdaptFormerConfig:
 @register_method
 class AdaptFormer(Method):
     name = "adaptformer"
+    requires = frozenset({"mlp", "norms"})
     summary = "scaled bottleneck in parallel with the MLP of every block"
     Config = AdaptFormerConfig
     identical_at_init = True

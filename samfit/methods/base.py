@@ -40,6 +40,8 @@ class Method:
     identical_at_init: ClassVar[bool] = False  # model output equals plain SAM's before training
     mergeable: ClassVar[bool] = False  # can be folded into SAM's weights after training
     unfreezes: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns of SAM's own encoder weights made trainable
+    # what the backbone's encoder must offer (samfit/model/backbones.py FEATURES); without it, no faithful form
+    requires: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **overrides):
         valid = {f.name: f for f in dataclasses.fields(self.Config)}
@@ -62,6 +64,7 @@ class Method:
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Freeze SAM except the cut mask decoder, then insert this method's trainable parts."""
+        check_applies(self, model.variant)
         model.freeze_for_finetuning()
         self.inject(model)
         model.method_name = self.name
@@ -97,6 +100,30 @@ class Method:
     def places_everywhere(self) -> bool:
         """True for the default placement (every block; parts outside the blocks included)."""
         return getattr(self.config, BLOCKS, "all") == "all"
+
+
+class NotApplicable(SamfitError):
+    """The method has no faithful form on the model's backbone (tables show "n/a")."""
+
+
+def missing_features(method: type[Method] | Method, model: str) -> list[str]:
+    """The encoder features `method` requires that backbone `model` lacks (empty: the method applies)."""
+    from samfit.model.backbones import get_backbone
+
+    return sorted(method.requires - get_backbone(model).features)
+
+
+def check_applies(method: Method, model: str) -> None:
+    """A NotApplicable error naming what the backbone lacks, when the method does not apply to it."""
+    from samfit.model.backbones import BACKBONES, FEATURES
+
+    missing = missing_features(method, model)
+    if missing:
+        ok = [n for n in BACKBONES if not missing_features(method, n)]
+        raise NotApplicable(
+            f"Method '{method.name}' has no faithful form on --model {model}: it needs "
+            f"{'; '.join(FEATURES[f] for f in missing)}, which {model}'s encoder does not have. It runs on "
+            f"{', '.join(ok)}; see `samfit methods --model {model}` for the methods that apply.")
 
 
 def _coerce(method: str, key: str, value, kind, config: type):

@@ -16,6 +16,7 @@ from samfit.methods.base import Method, placement_config, register_method
 @register_method
 class BitFit(Method):
     name = "bitfit"
+    requires = frozenset({"fused-qkv", "mlp", "norms"})
     summary = "train every bias inside the encoder blocks"
     Config = placement_config("bitfit")
     identical_at_init = True
@@ -23,9 +24,10 @@ class BitFit(Method):
     unfreezes = ("image_encoder.blocks.*.bias",)  # exactly the six biases of every block, nothing else
 
     def inject(self, model) -> None:
-        for block in self.selected_blocks(model):
-            for layer in (block.attn.qkv, block.attn.proj, block.mlp.lin1, block.mlp.lin2, block.norm1, block.norm2):
-                layer.bias.requires_grad_(True)
+        for block in self.selected_blocks(model):  # SAM: the six above; Hiera: also a widening block's proj.bias
+            for name, p in block.named_parameters():
+                if name.endswith("bias"):
+                    p.requires_grad_(True)
 
     def merge(self, model):
         """Nothing to fold: the trained biases are SAM's own modules' biases."""

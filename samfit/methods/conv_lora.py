@@ -187,6 +187,7 @@ class ConvLoRAConfig:
 @register_method
 class ConvLoRA(Method):
     name = "conv-lora"
+    requires = frozenset({"fused-qkv", "token-grid"})
     summary = "LoRA on the fused qkv with a routed multi-scale conv expert on the low-rank features"
     Config = ConvLoRAConfig
     identical_at_init = True

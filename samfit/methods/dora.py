@@ -92,6 +92,7 @@ class DoRAConfig:
 @register_method
 class DoRA(Method):
     name = "dora"
+    requires = frozenset({"fused-qkv"})
     summary = "weight-decomposed low-rank update (magnitude + direction) on the fused qkv of every block"
     Config = DoRAConfig
     identical_at_init = True

@@ -106,6 +106,7 @@ class FacTConfig:
 @register_method
 class FacT(Method):
     name = "fact"
+    requires = frozenset({"fused-qkv", "uniform-width"})
     summary = "FacT-TT: factors shared across blocks, a small core per block on qkv and proj"
     Config = FacTConfig
     identical_at_init = True

@@ -70,6 +70,7 @@ class InputScale(nn.Module):
 @register_method
 class IA3(Method):
     name = "ia3"
+    requires = frozenset({"fused-qkv", "mlp"})
     summary = "learned scales on keys, values and the MLP hidden activation (ones at init)"
     Config = placement_config("ia3")
     identical_at_init = True

@@ -15,6 +15,7 @@ from samfit.methods.base import Method, placement_config, register_method
 @register_method
 class LNTune(Method):
     name = "ln-tune"
+    requires = frozenset({"norms"})
     summary = "train the weight and bias of both LayerNorms of every block"
     Config = placement_config("ln-tune")
     identical_at_init = True

@@ -64,6 +64,7 @@ class LoRAConfig:
 @register_method
 class LoRA(Method):
     name = "lora"
+    requires = frozenset({"fused-qkv"})
     summary = "low-rank update on the fused qkv of every block"
     Config = LoRAConfig
     identical_at_init = True

@@ -146,6 +146,7 @@ class LSTConfig:
 @register_method
 class LST(Method):
     name = "lst"
+    requires = frozenset({"vit-stem", "window-attention"})
     summary = "ladder side network beside a gradient-free backbone (no backward through SAM)"
     Config = LSTConfig
     identical_at_init = True

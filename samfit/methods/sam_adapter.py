@@ -117,6 +117,7 @@ class SAMAdapterConfig:
 @register_method
 class SAMAdapter(Method):
     name = "sam-adapter"
+    requires = frozenset({"vit-stem"})
     summary = "high-frequency + patch-embedding prompts added before every block (EVP / SAM-Adapter)"
     Config = SAMAdapterConfig
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from segment_anything.modeling.image_encoder import PatchEmbed
 from torch import nn
 
 from samfit.methods.base import Method, placement_config, register_method
@@ -40,7 +39,7 @@ class ScaleShift(nn.Module):
     def merged(self) -> nn.Module:
         """A copy of the wrapped module with γ and β folded into its weight and bias."""
         module = copy.deepcopy(self.base)
-        affine = module.proj if isinstance(module, PatchEmbed) else module
+        affine = getattr(module, "proj", module)  # a patch embedding (SAM's or Hiera's): its conv; else the module
         rows = (-1,) + (1,) * (affine.weight.dim() - 1)
         affine.weight.mul_(self.scale.view(rows))
         if affine.bias is None:
@@ -62,6 +61,7 @@ def merge_scale_shift(model: nn.Module) -> nn.Module:
 @register_method
 class SSF(Method):
     name = "ssf"
+    requires = frozenset({"fused-qkv", "mlp", "norms"})
     summary = "per-channel scale and shift after every encoder operation"
     identical_at_init = False  # γ ~ N(1, 0.02), β ~ N(0, 0.02)
     mergeable = True

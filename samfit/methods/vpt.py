@@ -91,6 +91,7 @@ class VPTConfig:
 @register_method
 class VPT(Method):
     name = "vpt"
+    requires = frozenset({"window-attention", "mlp", "norms"})
     summary = "VPT-deep: learnable prompt tokens joining every attention window of every block"
     Config = VPTConfig
     identical_at_init = False  # the random prompts take part in attention from the start

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import torch
 
+from samfit.model.backbones import get_backbone, resolve_checkpoint
 from samfit.model.sam import (SAM_IMAGE_SIZE, VARIANTS, build_sam_parts, get_variant, load_sam_state,
-                              resize_encoder_state, resolve_checkpoint)
+                              resize_encoder_state, sam_total_parameters)
+from samfit.model.sam2 import build_sam2_model, sam2_total_parameters
 from samfit.model.segmenter import Segmenter
 
 
@@ -41,14 +43,17 @@ def build_model(variant: str, num_classes: int = 1, image_size: int | None = Non
     samfit's (queries from tokens 0-3 in turn plus 0.02 noise, a 2-layer class MLP) or the official code's
     (every query equal to token 0, no noise; one Linear(256, C+1)), docs/reference.md.
     """
-    v = get_variant(variant)
+    backbone = get_backbone(variant)
+    if backbone.family == "sam2":  # SAM 2's Hiera: its own module (samfit/model/sam2.py)
+        return build_sam2_model(variant, num_classes, image_size, checkpoint, num_queries, head)
+    v = get_variant(backbone.architecture)  # MedSAM is built as vit_b
     image_size = image_size or v.fixed_size or SAM_IMAGE_SIZE
     binary = num_classes == 1
     queries = 1 if binary else (num_queries or default_num_queries(num_classes))
-    encoder, prompt, decoder = build_sam_parts(variant, image_size, queries)
+    encoder, prompt, decoder = build_sam_parts(backbone.architecture, image_size, queries)
     model = Segmenter(encoder, prompt, decoder, variant, image_size, num_classes, head=head)
     if checkpoint is not None:
-        state = load_sam_state(resolve_checkpoint(variant, checkpoint), variant)
+        state = load_sam_state(resolve_checkpoint(variant, checkpoint), backbone.architecture)
         state = resize_encoder_state(state, image_size, v.global_blocks)
         prefix = {"image_encoder.": encoder, "prompt_encoder.": prompt}
         for p, module in prefix.items():
@@ -67,4 +72,12 @@ def build_model(variant: str, num_classes: int = 1, image_size: int | None = Non
     return model
 
 
-__all__ = ["VARIANTS", "Segmenter", "build_model", "default_num_queries"]
+def total_parameters(model: str) -> int:
+    """The complete original model's parameter count (the denominator of "% of SAM"), for any backbone."""
+    backbone = get_backbone(model)
+    if backbone.family == "sam2":
+        return sam2_total_parameters(model)
+    return sam_total_parameters(backbone.architecture)
+
+
+__all__ = ["VARIANTS", "Segmenter", "build_model", "default_num_queries", "total_parameters"]

@@ -1,13 +1,12 @@
 """Build SAM's modules (segment_anything's own classes) at any input size, and load official weights.
 
 Variants: vit_b, vit_l, vit_h (Kirillov et al. 2023) and `tiny`, a small random ViT with windowed and
-global blocks for tests and smoke runs. Input sizes other than 1024 (multiples of 16) are served by
+global blocks for tests and smoke runs; MedSAM is built as vit_b (samfit/model/backbones.py). Input sizes other than 1024 (multiples of 16) are served by
 interpolating the absolute position embedding (bicubic) and the global blocks' relative-position tables
 (linear) when a checkpoint is loaded; windowed blocks keep their 14x14 tables.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -26,7 +25,6 @@ SAM_IMAGE_SIZE = 1024  # the input size SAM was trained at (its official checkpo
 # data loader: a property of the backbone, not of the dataset.
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
-OFFICIAL_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 
 
 @dataclass(frozen=True)
@@ -109,37 +107,7 @@ def sam_total_parameters(variant: str) -> int:
     return sum(p.numel() for m in (encoder, prompt, decoder) for p in m.parameters()) + iou_head
 
 
-# ---------------------------------------------------------------- checkpoints
-
-def checkpoint_dir() -> Path:
-    return Path(os.environ.get("SAMFIT_CHECKPOINTS", Path.home() / ".cache" / "samfit" / "checkpoints"))
-
-
-def weights_url(variant: str) -> str:
-    base = os.environ.get("SAMFIT_WEIGHTS_URL", OFFICIAL_URL)
-    return base.rstrip("/") + "/" + get_variant(variant).file
-
-
-def resolve_checkpoint(variant: str, checkpoint: str | Path | None) -> Path:
-    """--checkpoint PATH, else $SAMFIT_CHECKPOINTS/<official name>, else ~/.cache/samfit/checkpoints."""
-    v = get_variant(variant)
-    if checkpoint is not None:
-        path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise SamfitError(f"Checkpoint not found: {path}. Check the path given to --checkpoint.")
-        return path
-    if not v.has_weights:
-        raise SamfitError(f"Model '{variant}' has no official weights; it is for tests and smoke runs.")
-    path = checkpoint_dir() / v.file
-    if not path.is_file():
-        raise SamfitError(
-            f"SAM {variant} weights not found at {path}. Download them with\n"
-            f"  samfit weights download {variant}\n"
-            f"(from {weights_url(variant)}), or pass --checkpoint PATH, or set SAMFIT_CHECKPOINTS "
-            f"to the folder holding {v.file}."
-        )
-    return path
-
+# ---------------------------------------------------------------- checkpoints (where files are: backbones.py)
 
 def verify_official_md5(path: Path) -> None:
     """For a file named like an official checkpoint, its MD5 must match (checked once, then remembered)."""

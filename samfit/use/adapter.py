@@ -15,7 +15,7 @@ FORMAT = "samfit-adapter"
 
 def _sam_path(meta: dict, config) -> str:
     """The first existing place for the adapter's SAM checkpoint; else the recorded one (named in the error)."""
-    from samfit.model.sam import resolve_checkpoint
+    from samfit.model.backbones import resolve_checkpoint
 
     candidates = [meta.get("sam_checkpoint_path"), config.checkpoint]
     for candidate in candidates:

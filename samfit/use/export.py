@@ -48,7 +48,8 @@ def decoder_value(name: str, source: torch.Tensor, trained: dict) -> torch.Tenso
 def sam_state(run_dir, out: Path | None = None) -> tuple[dict, str]:
     """(the official-layout state dict, the variant) of a run; `out` must not be the SAM checkpoint it used."""
     from samfit.methods import get_method
-    from samfit.model.sam import get_variant, load_sam_state
+    from samfit.model.backbones import get_backbone
+    from samfit.model.sam import load_sam_state
     from samfit.use.load import load_run, read_run, run_checkpoint
 
     record = read_run(run_dir)
@@ -59,7 +60,7 @@ def sam_state(run_dir, out: Path | None = None) -> tuple[dict, str]:
             f"Run {record.folder} trained method '{cfg.method}', which cannot be merged into SAM's weights, so it "
             f"has no plain SAM checkpoint. Export its trained parameters with `samfit export {record.folder} "
             f"--format adapter --out FILE.safetensors`, or use the run folder itself (samfit predict).")
-    if not get_variant(cfg.model).has_weights:
+    if not get_backbone(cfg.model).has_weights or get_backbone(cfg.model).family != "sam":
         raise SamfitError(f"Run {record.folder} used model '{cfg.model}', which has no official SAM checkpoint "
                           f"layout to export to. --format sam needs a vit_b, vit_l or vit_h run; --format adapter "
                           f"works for any run.")
@@ -70,7 +71,7 @@ def sam_state(run_dir, out: Path | None = None) -> tuple[dict, str]:
     if out is not None and out.exists() and out.resolve() == path.resolve():
         raise SamfitError(f"--out {out} is the SAM checkpoint run {record.folder} was trained from; choose another "
                           f"file.")
-    source = load_sam_state(path, cfg.model)
+    source = load_sam_state(path, get_backbone(cfg.model).architecture)  # MedSAM: a vit_b file
     model = method.merge(load_run(record.folder, device="cpu"))
     trained = model.state_dict()
     out = {}

@@ -19,7 +19,8 @@ import yaml
 
 from samfit.config import DEVICES, RunConfig
 from samfit.errors import SamfitError
-from samfit.model.sam import check_image_size, get_variant, resize_encoder_state, weights_url
+from samfit.model.backbones import check_image_size, get_backbone, where_to_get
+from samfit.model.sam import VARIANTS, resize_encoder_state
 
 _MD5_SEEN: dict[tuple, str] = {}  # (path, size, mtime) -> MD5, so loading a run twice reads the file once
 
@@ -109,12 +110,10 @@ def _md5(path: Path) -> str:
 def run_checkpoint(record: RunRecord) -> Path | None:
     """The SAM checkpoint the run trained from (None for a variant without weights), checked against its MD5."""
     cfg = record.config
-    variant = get_variant(cfg.model)
-    if not variant.has_weights:
+    if not get_backbone(cfg.model).has_weights:
         return None
     recorded = record.metrics.get("sam_checkpoint") or {}
-    how = (f"Download the official file with `samfit weights download {cfg.model}` (from {weights_url(cfg.model)})"
-           if variant.file else "Put the checkpoint the run used back in place")
+    how = f"Put the checkpoint the run used back in place. {where_to_get(cfg.model)} Copy it"
     if recorded:
         path = Path(recorded["path"])
         if not path.is_file():
@@ -128,7 +127,7 @@ def run_checkpoint(record: RunRecord) -> Path | None:
                 f"MD5 {recorded['md5']}: it is a different or damaged file. {how} (the run's file must have "
                 f"MD5 {recorded['md5']}).")
         return path
-    from samfit.model.sam import resolve_checkpoint  # a run recorded before checkpoints were: as it resolved
+    from samfit.model.backbones import resolve_checkpoint  # a run recorded before checkpoints were: as it resolved
 
     return resolve_checkpoint(cfg.model, cfg.checkpoint)
 
@@ -191,8 +190,9 @@ def _load(record: RunRecord, device, image_size):
         raise SamfitError(f"--device {device!r}: choose one of {', '.join(DEVICES)}.")
     dev = device if isinstance(device, torch.device) else pick_device(device)
     size = image_size or cfg.image_size
-    check_image_size(size)
-    variant = get_variant(cfg.model)
+    check_image_size(cfg.model, size)
+    backbone = get_backbone(cfg.model)  # SAM 2's position tables are resized in its forward: nothing to resize
+    global_blocks = VARIANTS[backbone.architecture].global_blocks if backbone.family == "sam" else ()
     checkpoint = run_checkpoint(record)
     num_classes = record.num_classes
     queries = cfg.queries or 2 * num_classes  # what build_model makes of the run's `queries` setting
@@ -201,12 +201,12 @@ def _load(record: RunRecord, device, image_size):
                           f"its config.yaml builds {queries}. It was made by another samfit version; re-run it.")
     cpu = torch.device("cpu")
     seed_everything(cfg.seed)  # as the run did before building: the same random SAM (tiny) and method init
-    if size == cfg.image_size or checkpoint is not None:  # a checkpoint's tables are interpolated from 1024 px
+    if size == cfg.image_size or checkpoint is not None or backbone.family != "sam":  # tables from the checkpoint
         model = build_model_for(dataclasses.replace(cfg, image_size=size), num_classes, cpu, checkpoint)
     else:  # no 1024 px source (tiny): the run's own tables, interpolated
         state = build_model_for(cfg, num_classes, cpu).state_dict()
         try:
-            state = resize_encoder_state(state, size, variant.global_blocks)
+            state = resize_encoder_state(state, size, global_blocks)
         except KeyError as exc:
             raise SamfitError(f"Cannot rebuild run {record.folder} at --image-size {size}: method "
                               f"'{cfg.method}' moves SAM's position table {exc} elsewhere. Use the run's own size "
@@ -214,7 +214,7 @@ def _load(record: RunRecord, device, image_size):
         seed_everything(cfg.seed)
         model = build_model_for(dataclasses.replace(cfg, image_size=size), num_classes, cpu)
         model.load_state_dict(state)
-    best = _resize_trained(record.best, model, size, variant.global_blocks)
+    best = _resize_trained(record.best, model, size, global_blocks)
     missing_trained = [n for n, p in model.named_parameters() if p.requires_grad and n not in best]
     unexpected = [k for k in best if k not in model.state_dict()]
     if missing_trained or unexpected:

@@ -1,7 +1,7 @@
 """Segment new images with a trained run: one mask PNG per image at the image's own size.
 
-Each image is read and normalised as in training (RGB, bicubic resize to the model's input size, SAM's pixel mean
-and std), segmented, and the prediction brought back to the image's size as evaluation does (probabilities or
+Each image is read and normalised as in training (RGB, bicubic resize to the model's input size, the backbone's
+normalisation), segmented, and the prediction brought back to the image's size as evaluation does (probabilities or
 class scores upsampled bilinearly), so predicting a test set and scoring the masks gives the run's own scores.
 
 Written under OUT: masks/<stem>.png (binary: 0/255 where the probability exceeds the threshold; multi-class: the
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from samfit.data.folder import PIXEL_MEAN, PIXEL_STD
+from samfit.model.backbones import normalisation
 from samfit.errors import SamfitError
 from samfit.engine.rundir import write_bytes
 
@@ -52,10 +52,10 @@ def read_rgb(path: Path) -> np.ndarray | None:
     return None if image is None or image.size == 0 else np.ascontiguousarray(image[..., ::-1])
 
 
-def to_input(image: np.ndarray, size: int) -> torch.Tensor:
+def to_input(image: np.ndarray, size: int, model: str = "vit_b") -> torch.Tensor:
     """As SegmentationFolder feeds training and evaluation."""
     resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC).astype(np.float32)
-    return torch.from_numpy(((resized - PIXEL_MEAN) / PIXEL_STD).transpose(2, 0, 1).copy())
+    return torch.from_numpy(normalisation(model)(resized).transpose(2, 0, 1).copy())
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -141,7 +141,7 @@ def predict_images(model, images: list[Path], out: Path, threshold: float = 0.5,
             else:
                 pending.append((path, image))
             if pending and (len(pending) == batch_size or index == len(images) - 1):
-                batch = torch.stack([to_input(image, cfg.image_size) for _, image in pending]).to(device)
+                batch = torch.stack([to_input(image, cfg.image_size, cfg.model) for _, image in pending]).to(device)
                 with autocast():
                     logits = model(batch)["logits"]
                 scores = logits.float().sigmoid() if logits.shape[1] == 1 else logits.float()

@@ -1,0 +1,79 @@
+"""The backbone registry: every model name builds, counts, validates its input size, resolves and downloads its
+weights through the same commands."""
+import json
+
+import pytest
+import torch
+from test_download import server  # noqa: F401  (the 127.0.0.1 file server fixture)
+
+import samfit
+from samfit import SamfitError
+from samfit.model.backbones import BACKBONES, SAM2_URL, check_image_size, get_backbone, weights_url
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+NAMES = list(BACKBONES)
+
+
+def test_registry_names_and_official_files():
+    assert NAMES == ["vit_b", "vit_l", "vit_h", "tiny", "medsam_vit_b", "sam2_hiera_t", "sam2_hiera_s",
+                     "sam2_hiera_b+", "sam2_hiera_l", "sam2_tiny"]
+    files = {"sam2_hiera_t": "sam2.1_hiera_tiny.pt", "sam2_hiera_s": "sam2.1_hiera_small.pt",
+             "sam2_hiera_b+": "sam2.1_hiera_base_plus.pt", "sam2_hiera_l": "sam2.1_hiera_large.pt"}
+    for name, file in files.items():
+        assert weights_url(name) == SAM2_URL + file == "https://dl.fbaipublicfiles.com/segment_anything_2/092824/" + file
+    assert weights_url("vit_b") == "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
+    assert not get_backbone("tiny").has_weights and not get_backbone("sam2_tiny").has_weights
+    with pytest.raises(SamfitError, match="Unknown model 'sam3'"):
+        get_backbone("sam3")
+
+
+@pytest.mark.parametrize("name,good,bad", [("vit_b", 48, 40), ("sam2_hiera_t", 64, 48), ("medsam_vit_b", 80, 81)])
+def test_image_size_validated_per_backbone(name, good, bad):
+    check_image_size(name, good)
+    with pytest.raises(SamfitError, match=rf"--image-size {bad} is not a positive multiple of .* for --model {name}"):
+        check_image_size(name, bad)
+
+
+def test_run_refuses_a_size_hiera_cannot_take(cli):
+    code, _, message = cli("run", "--model", "sam2_tiny", "--image-size", "48", "--print-config")
+    assert code == 2 and "multiple of 32" in message and "sam2_tiny" in message
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_model_name_is_a_run_setting(name, printed_config):
+    assert printed_config("--model", name, "--image-size", "64")["model"] == name
+
+
+SMALL = ("tiny", "medsam_vit_b", "sam2_tiny", "sam2_hiera_t")
+
+
+@pytest.mark.parametrize("name", [n if n in SMALL else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
+def test_methods_lists_every_method_with_counts_or_na(name, cli):
+    code, out, message = cli("methods", "--model", name, "--json")
+    assert code == 0, message
+    rows = {r["method"]: r for r in json.loads(out)}
+    assert set(rows) == set(samfit.list_methods())
+    applies = {n for n, r in rows.items() if r.get("applies", True)}
+    family = get_backbone(name).family
+    assert applies == (set(rows) if family == "sam" else set(rows) - {"fact", "vpt", "sam-adapter", "lst"})
+
+
+def test_weights_download_for_sam2_and_the_models_without_a_url(server, tmp_path, monkeypatch, cli):  # noqa: F811
+    server.files["/w/sam2.1_hiera_tiny.pt"] = b"sam2 bytes" * 10
+    monkeypatch.setenv("SAMFIT_WEIGHTS_URL", f"{server.url}/w")
+    monkeypatch.setenv("SAMFIT_CHECKPOINTS", str(tmp_path / "ckpt"))
+    code, _, message = cli("weights", "download", "sam2_hiera_t")
+    assert code == 0, message
+    assert (tmp_path / "ckpt" / "sam2.1_hiera_tiny.pt").read_bytes() == b"sam2 bytes" * 10
+    code, _, message = cli("weights", "download", "medsam_vit_b")
+    assert code == 2 and "drive.google.com" in message and "--checkpoint" in message
+    code, _, message = cli("weights", "download", "sam2_tiny")
+    assert code == 2 and "no official weights" in message
+
+
+def test_sam2_meta_build_counts_match_real_build():
+    """The meta-device build (used for counting) has the parameters of the real one."""
+    real = samfit.build_model("sam2_tiny", image_size=64)
+    with torch.device("meta"):
+        meta = samfit.build_model("sam2_tiny", image_size=64)
+    assert samfit.count_parameters(real) == samfit.count_parameters(meta)
