@@ -16,11 +16,15 @@ import torch
 import samfit
 from samfit import SamfitError
 from samfit.losses import mask_classification_loss, semantic_targets, structure_loss
-from samfit.methods.base import show
+from samfit.methods.base import NotApplicable, missing_features, show
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is faster on a shared CPU
 METHODS = samfit.list_methods()
 BASELINE = "decoder-only"  # SAM frozen but for the decoder: what every other method is compared with
+BACKBONES = ("tiny", "sam2_tiny")  # the random test configurations of SAM's ViT and SAM 2's Hiera
+# (method, backbone) for every method on every backbone it applies to
+CASES = [pytest.param(n, b, id=f"{n}-{b}") for b in BACKBONES for n in METHODS
+         if not missing_features(type(samfit.get_method(n)), b)]
 
 
 def method_class(name):
@@ -127,10 +131,11 @@ def test_cli_reports_a_bad_method_arg_without_traceback(tmp_path):
 
 
 # ------------------------------------------------------------------ the model with a method applied
-def tiny_sam(seed=0, **kwargs):
-    """The tiny random SAM at 64 px with every parameter non-zero (its relative-position tables start at 0)."""
+def tiny_sam(seed=0, backbone="tiny", **kwargs):
+    """The tiny random SAM (or SAM 2) at 64 px with every parameter non-zero (its relative-position tables start
+    at 0)."""
     torch.manual_seed(seed)
-    model = samfit.build_model("tiny", image_size=64, **kwargs)
+    model = samfit.build_model(backbone, image_size=64, **kwargs)
     with torch.no_grad():
         for p in model.parameters():
             if not p.any():
@@ -138,8 +143,8 @@ def tiny_sam(seed=0, **kwargs):
     return model
 
 
-def build(name, **kwargs):
-    return samfit.get_method(name).apply(tiny_sam(**kwargs))
+def build(name, backbone="tiny", **kwargs):
+    return samfit.get_method(name).apply(tiny_sam(backbone=backbone, **kwargs))
 
 
 def batch(dtype=torch.float32):
@@ -158,15 +163,15 @@ def encoder_side(model):
     return {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("mask_decoder.")}
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_trains_only_what_it_declares(name):
+@pytest.mark.parametrize("name,backbone", CASES)
+def test_trains_only_what_it_declares(name, backbone):
     """SAM's own weights stay frozen except the decoder's (always) and the method's `unfreezes` patterns
     (bitfit: the block biases); every parameter the method inserts trains; no SAM weight is dropped."""
-    model = tiny_sam()
+    model = tiny_sam(backbone=backbone)
     sam_names = {id(p): n for n, p in model.named_parameters()}  # by object: wrapping changes the names
     method = samfit.get_method(name)
     method.apply(model)
-    baseline = build(BASELINE)
+    baseline = build(BASELINE, backbone)
     decoder = {n for n, p in baseline.named_parameters() if p.requires_grad}
     assert all(n.startswith("mask_decoder.") for n in decoder)
     params = dict(model.named_parameters())
@@ -191,20 +196,21 @@ def test_trains_only_what_it_declares(name):
     assert (counts["encoder_trainable"] > 0) == (name != BASELINE), counts
 
 
-@pytest.mark.parametrize("name", [n for n in METHODS if n != BASELINE and method_class(n).identical_at_init])
-def test_identical_to_decoder_only_at_init_when_declared(name):
+@pytest.mark.parametrize("name,backbone", [c for c in CASES if c.values[0] != BASELINE
+                                           and method_class(c.values[0]).identical_at_init])
+def test_identical_to_decoder_only_at_init_when_declared(name, backbone):
     """Compared in float64 and eval mode (no router noise), so CPU rounding cannot decide."""
     x, _ = batch(torch.float64)
     with torch.no_grad():
-        reference = float64(build(BASELINE)).eval()(x)["logits"]
-        logits = float64(build(name)).eval()(x)["logits"]
+        reference = float64(build(BASELINE, backbone)).eval()(x)["logits"]
+        logits = float64(build(name, backbone)).eval()(x)["logits"]
     assert logits.dtype == torch.float64
     assert (logits - reference).abs().max() <= 1e-12 * reference.abs().max()
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_training_steps_change_only_trainable_weights(name):
-    model = build(name).train()
+@pytest.mark.parametrize("name,backbone", CASES)
+def test_training_steps_change_only_trainable_weights(name, backbone):
+    model = build(name, backbone).train()
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     start = {n: p.detach().clone() for n, p in encoder_side(model).items()}
@@ -229,11 +235,11 @@ def test_training_steps_change_only_trainable_weights(name):
     assert bool(changed) == (name != BASELINE), changed
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_multiclass_head(name):
-    model = build(name, num_classes=3).train()
+@pytest.mark.parametrize("name,backbone", CASES)
+def test_multiclass_head(name, backbone):
+    model = build(name, backbone, num_classes=3).train()
     assert samfit.count_parameters(model)["decoder_trainable"] == samfit.count_parameters(
-        build(BASELINE, num_classes=3))["decoder_trainable"]
+        build(BASELINE, backbone, num_classes=3))["decoder_trainable"]
     x, _ = batch()
     out = model(x)
     assert out["logits"].shape == (2, 3, 64, 64)
@@ -247,9 +253,9 @@ def test_multiclass_head(name):
     assert any(not n.startswith("mask_decoder.") for n in grads) == (name != BASELINE)
 
 
-@pytest.mark.parametrize("name", METHODS)
-def test_bf16_autocast_forward_backward(name):
-    model = build(name).train()
+@pytest.mark.parametrize("name,backbone", CASES)
+def test_bf16_autocast_forward_backward(name, backbone):
+    model = build(name, backbone).train()
     x, y = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
@@ -260,3 +266,10 @@ def test_bf16_autocast_forward_backward(name):
     assert grads and all(torch.isfinite(g).all() for g in grads.values()), [
         n for n, g in grads.items() if not torch.isfinite(g).all()]
     assert any(not n.startswith("mask_decoder.") for n in grads) == (name != BASELINE)
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if missing_features(type(samfit.get_method(n)), "sam2_tiny")])
+def test_no_faithful_form_is_a_clear_error(name):
+    """A method whose encoder needs something Hiera lacks refuses SAM 2 and names what is missing."""
+    with pytest.raises(NotApplicable, match=rf"Method '{name}' has no faithful form on --model sam2_tiny: it needs"):
+        build(name, "sam2_tiny")
