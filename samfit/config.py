@@ -145,11 +145,13 @@ class RunConfig:
         for f in dataclasses.fields(self):
             check_value(f.name, getattr(self, f.name))
         from samfit.methods import get_method
+        from samfit.methods.base import check_applies
         from samfit.model.backbones import check_image_size
 
         if self.image_size is not None:
             check_image_size(self.model, self.image_size)
         method = get_method(self.method, **self.method_args)  # the method's own Config checks its arguments
+        check_applies(method, self.model)  # a method with no faithful form on the backbone: before any work
         self.method_args = {k: _plain(getattr(method.config, k)) for k in self.method_args}  # typed, not text
         from samfit.model.decoder_lora import normalise_decoder
 

@@ -77,3 +77,38 @@ def test_sam2_meta_build_counts_match_real_build():
     with torch.device("meta"):
         meta = samfit.build_model("sam2_tiny", image_size=64)
     assert samfit.count_parameters(real) == samfit.count_parameters(meta)
+
+
+def test_grid_takes_a_backbone_axis(tmp_path):
+    """`model` is a RunConfig field, so it is a grid axis; a pair with no faithful form is refused at load time
+    (exclude it), before any run starts."""
+    import yaml
+
+    from samfit.grid import load_grid
+
+    grid = {"defaults": {"image_size": 64, "epochs": 1, "limit_train": 4, "limit_eval": 2, "device": "cpu"},
+            "axes": {"method": ["lora", "fact"], "model": ["tiny", "sam2_tiny"]}}
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    with pytest.raises(SamfitError, match="method=fact, model=sam2_tiny.*no faithful form on --model sam2_tiny"):
+        load_grid(path, out=str(tmp_path / "out"))
+    path.write_text(yaml.safe_dump({**grid, "exclude": [{"method": "fact", "model": "sam2_tiny"}]}))
+    runs = load_grid(path, out=str(tmp_path / "out")).runs
+    assert [(c.method, c.model) for c in runs] == [("lora", "tiny"), ("lora", "sam2_tiny"), ("fact", "tiny")]
+
+
+def test_table_shows_na_for_a_method_without_a_form_on_a_model():
+    import pandas as pd
+
+    from samfit.report.table import comparison_grid
+
+    base = {"dataset": "shapes", "test_set": "test", "metric": "iou_per_image", "lower_is_better": False,
+            "std": 0.0, "seeds": 1, "trainable": 10, "percent_of_sam": 1.0, "step_time_s": 0.1,
+            "peak_memory_mb": 1.0}
+    summary = pd.DataFrame([{**base, "method": "fact", "model": "tiny", "mean": 0.5},
+                            {**base, "method": "lora", "model": "sam2_tiny", "mean": 0.6}])
+    grid = comparison_grid(summary)
+    rows = {(r["method"], r["model"]): r for r in grid.to_dict("records")}
+    assert set(rows) == {("fact", "tiny"), ("lora", "sam2_tiny"), ("fact", "sam2_tiny")}
+    assert rows["fact", "sam2_tiny"]["trainable"] == "n/a" and rows["fact", "sam2_tiny"]["shapes iou_per_image"] == "n/a"
+    assert rows["lora", "sam2_tiny"]["shapes iou_per_image"] != "n/a"

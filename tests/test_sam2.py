@@ -140,3 +140,21 @@ def test_official_hiera_t_layout_loads_and_matches(tmp_path):
         expected = reference_low_res(official.double(), x)
         got = ours(x)["mask_logits"]
     assert (got - expected).abs().max() <= 1e-10 * expected.abs().max()
+
+
+def test_grad_checkpoint_covers_hiera_blocks_with_the_same_gradients():
+    from samfit.model.checkpointing import is_checkpointed, set_grad_checkpoint
+
+    def grads(checkpointed):
+        torch.manual_seed(0)
+        model = samfit.get_method("lora").apply(samfit.build_model("sam2_tiny", image_size=SIZE)).double().train()
+        set_grad_checkpoint(model, checkpointed)
+        assert all(is_checkpointed(b) == checkpointed for b in model.image_encoder.blocks)
+        x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+        model(x)["logits"].square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and any("image_encoder" in n for n in plain)
+    for n in plain:
+        assert torch.allclose(plain[n], checkpointed[n], rtol=0, atol=1e-12 * plain[n].abs().max()), n

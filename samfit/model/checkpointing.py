@@ -24,9 +24,12 @@ from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from samfit.model.sam2 import HieraEncoder
 
-def encoder_backbones(model: nn.Module) -> list[ImageEncoderViT]:
-    return [m for m in model.modules() if isinstance(m, ImageEncoderViT)]
+
+def encoder_backbones(model: nn.Module) -> list[nn.Module]:
+    """SAM's ImageEncoderViT and SAM 2's HieraEncoder (whose `blocks` are Hiera's) wherever they are."""
+    return [m for m in model.modules() if isinstance(m, (ImageEncoderViT, HieraEncoder))]
 
 
 @contextlib.contextmanager

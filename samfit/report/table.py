@@ -58,7 +58,23 @@ def comparison_grid(summary: pd.DataFrame, marks: dict | None = None) -> pd.Data
         table.append(row)
     columns = sorted(best, key=lambda c: EVAL_MARK in c[0])  # `samfit evaluate`'s columns after the run's own
     order = ["method", "model", "trainable", "% of SAM", *(column_label(c) for c in columns), "step s", "peak MB"]
+    table += not_applicable_rows(summary, order)
     return pd.DataFrame(table)[order].fillna("—")
+
+
+def not_applicable_rows(summary: pd.DataFrame, order: list[str]) -> list[dict]:
+    """A row of "n/a" for each method of the table on each model of the table it has no faithful form on
+    (methods/base.py `requires`), e.g. FacT on SAM 2: absent by design, not a missing run."""
+    from samfit.methods import REGISTRY
+    from samfit.methods.base import missing_features
+
+    rows = []
+    for method in summary["method"].unique():
+        cls = REGISTRY.get(method.partition("@")[0])
+        for model in summary["model"].unique():
+            if cls is not None and missing_features(cls, model):
+                rows.append({**{k: "n/a" for k in order}, "method": method, "model": model})
+    return rows
 
 
 def display_frame(records: list[dict]) -> pd.DataFrame:
