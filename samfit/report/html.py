@@ -24,7 +24,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
 th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
 tr.better td.verdict { color: #0a6e0a; font-weight: 600; } tr.worse td.verdict { color: #b00020; font-weight: 600; }
-figure { display: inline-block; margin: 0.5em; } figure img { max-width: 38em; border: 1px solid #ddd; }
+figure { display: inline-block; margin: 0.5em; vertical-align: top; } figure img { max-width: 36em; border: 1px solid #ddd; }
 details { margin: 0.2em 0; } pre { background: #f7f7f7; padding: 0.5em; overflow-x: auto; }
 .note { color: #555; font-style: italic; }
 """

@@ -92,11 +92,11 @@ def cd_diagram(result: dict, path: str | Path, alpha: float = 0.05) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ranks = pd.Series(result["average_rank"], index=result["methods"])
     k, n = len(ranks), result["test_sets"]
-    fig, ax = plt.subplots(figsize=(7.0, 0.6 + 0.28 * k), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.0, 1.2 + 0.3 * k), dpi=110)
     sp.critical_difference_diagram(ranks, nemenyi(result), ax=ax, alpha=alpha)
-    ax.set_title(f"average rank over {n} test sets (1 = best); bars: no significant difference "
-                 f"(Nemenyi, α = {alpha:g}, CD = {critical_difference(k, n, alpha):.2f}); Friedman p = "
-                 f"{result['p_value']:.3g}", fontsize=8)
+    ax.set_title(f"average rank over {n} test sets (1 = best), Friedman p = {result['p_value']:.3g}\n"
+                 f"bars join methods with no significant difference (Nemenyi, α = {alpha:g}, CD = "
+                 f"{critical_difference(k, n, alpha):.2f})", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
