@@ -174,20 +174,51 @@ def test_paper_grid_dry_runs(tmp_path, file, protocol):
     assert not (tmp_path / "grid").exists()
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("dataset, loss", [("shapes", "structure-official"),
-                                           ("shapes-multiclass", "mask-classification-official")])
-def test_a_run_finishes_under_the_official_protocol_and_records_it(tmp_path, data_root, one_thread, dataset, loss):
+def run_official(tmp_path, dataset, **settings):
+    """A tiny LoRA run under `--protocol official`: its folder, config.yaml and metrics.json."""
     from samfit.engine.train import run
 
-    cfg = make_config(None, protocol="official", dataset=dataset, image_size=64, epochs=2, limit_train=8,
-                      limit_eval=4, device="cpu", out=str(tmp_path / "runs"))
+    cfg = make_config(None, protocol="official", dataset=dataset, image_size=64, device="cpu",
+                      out=str(tmp_path / "runs"), **settings)
     run_dir = run(cfg, quiet=True)
     assert run_dir.name == f"{dataset}_lora_tiny_64_s0_official"
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert bundle(config) == (1, 4, "model", "bias-norm", loss) and config["protocol"] == "official"
-    assert metrics["protocol"] == "official" and metrics["eval_resolution"] == "model"
+    assert config["protocol"] == "official" and metrics["protocol"] == "official"
+    assert metrics["eval_resolution"] == "model"
+    return run_dir, config, metrics
+
+
+@pytest.mark.slow
+def test_a_multiclass_run_finishes_under_the_official_protocol_and_records_it(tmp_path, data_root, one_thread):
+    run_dir, config, metrics = run_official(tmp_path, "shapes-multiclass", epochs=2, limit_train=8, limit_eval=4)
+    assert bundle(config) == (1, 4, "model", "bias-norm", "mask-classification-official") and \
+        config["head"] == "official"
     assert 0 <= metrics["headline"]["value"] <= 1
     history = (run_dir / "history.csv").read_text().splitlines()
     assert len(history) == 3  # a header and two epochs of 8 micro-batches, 2 optimiser steps each
+
+
+def all_foreground_iou(data_root, split: str, size: int) -> float:
+    """Per-image IoU of predicting every pixel foreground: the mean foreground share of the split's masks, each
+    resized (nearest) to the scoring size as the official protocol scores."""
+    import cv2
+    import numpy as np
+
+    masks = sorted((data_root / "shapes" / split / "masks").glob("*.png"))
+    shares = [(cv2.resize(cv2.imread(str(m), cv2.IMREAD_UNCHANGED), (size, size),
+                          interpolation=cv2.INTER_NEAREST) > 127).mean() for m in masks]
+    return float(np.mean(shares))
+
+
+@pytest.mark.slow
+def test_a_binary_official_run_learns_above_the_all_foreground_baseline(tmp_path, data_root, one_thread):
+    """64 optimiser steps (32 images, 8 epochs, each step 4 accumulated images of 1). Shorter runs stay near IoU 0
+    under either protocol (12 steps: samfit 0.027, official 0.0): the number of steps, not the protocol, held
+    the earlier test-sized run back (docs/reference.md, Differences from the official code)."""
+    run_dir, config, metrics = run_official(tmp_path, "shapes", epochs=8, limit_train=32, limit_eval=16)
+    assert bundle(config) == (1, 4, "model", "bias-norm", "structure-official")
+    assert metrics["train_images"] == 32 and (run_dir / "history.csv").read_text().splitlines()[-1].startswith("8,64,")
+    baseline = all_foreground_iou(data_root, "test", 64)
+    assert 0.1 < baseline < 0.2  # shapes' foreground share: the trivial score is well above 0
+    assert metrics["scores"]["test"]["iou_per_image"] > baseline + 0.03
