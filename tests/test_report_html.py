@@ -102,6 +102,18 @@ def test_report_is_self_contained(cli, results, tmp_path):
     assert code == 2 and "--rope -2" in message
 
 
+def test_report_on_runs_without_per_image_rows_says_so(cli, tmp_path):
+    root = tmp_path / "old"
+    for method in ("lora", "bitfit"):
+        write_run(root, method, 0, image_rows(np.random.default_rng(0), 10, 1), per_image=method == "bitfit")
+    out = tmp_path / "report.html"
+    code, _, message = cli("report", root, "--out", out)
+    assert code == 0, message
+    text = out.read_text()
+    assert "No verdicts: 1 run(s) have no per-image rows" in text and "data-verdict" not in text
+    assert ">lora<" in text and ">bitfit<" in text  # the grid is still shown
+
+
 @pytest.mark.slow
 @needs_chromium
 def test_report_renders_in_headless_chromium(cli, results, tmp_path):
