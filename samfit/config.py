@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EVAL_RESOLUTIONS = ("gt", "model")
 CACHE_MODES = ("auto", "on", "off")
+CACHE_DTYPES = ("fp32", "bf16", "fp16")
 PROTOCOLS = ("samfit", "official")
 DECAY_EXCLUDES = ("none", "bias-norm")
 HEADS = ("samfit", "official")
@@ -125,9 +126,14 @@ class RunConfig:
     skip_bad: bool = setting(False, "Skip unreadable or invalid images, counting them.")
     detect_anomaly: bool = setting(False, "torch anomaly detection (slow).")
     cache_embeddings: str = setting("auto", "Encode each training image once when the encoder is frozen plain "
-                                            "SAM (decoder-only).", choices=CACHE_MODES)
+                                            "SAM (decoder-only), or compute the frozen blocks before the first "
+                                            "trainable one once (late placement, e.g. blocks=last:3).",
+                                    choices=CACHE_MODES)
     cache_max_mb: int = setting(4096, "RAM the embedding cache may take (auto: train uncached above it; on: "
                                       "error).", minimum=0)
+    cache_dtype: str = setting("fp32", "Storage of the cached tensors: fp32 (exact) or bf16/fp16 (half the RAM; "
+                                       "the rounding is measured and recorded in metrics.json).",
+                               choices=CACHE_DTYPES)
     out: str = setting("results", "Parent folder of the run folder.")
     name: str | None = setting(None, "Run folder name (default: dataset_method_model_size_sSEED).")
 

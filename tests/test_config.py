@@ -24,6 +24,7 @@ FILE_VALUES = {
     "skip_bad": True, "detect_anomaly": True, "cache_embeddings": "off", "cache_max_mb": 100, "out": "elsewhere",
     "name": "from-file", "protocol": "official", "decay_exclude": "bias-norm",
     "train_fraction": 0.5, "head": "official", "queries": 10, "decoder": "lora:4",
+    "cache_dtype": "bf16",
 }
 # Another valid value for every field, as flags would give it.
 FLAG_VALUES = {
@@ -34,6 +35,7 @@ FLAG_VALUES = {
     "num_workers": 0, "datasets_file": None, "data_root": "/data2", "skip_bad": False, "detect_anomaly": False,
     "cache_embeddings": "on", "cache_max_mb": 200, "out": "there", "name": "from-flags", "protocol": "samfit",
     "decay_exclude": "none", "train_fraction": 0.25, "head": "samfit", "queries": 8, "decoder": "frozen",
+    "cache_dtype": "fp16",
 }
 
 

@@ -1,0 +1,139 @@
+"""Prefix cache for late placement: when every trainable part of the image encoder sits in blocks >= k, the
+encoder's first part
+
+    h_k = blocks[k-1] ∘ … ∘ blocks[0] (patch_embed(x) + pos_embed)
+
+is the same function of the image in every epoch, so it is computed once per image and view (flipped or not),
+kept, and training runs only the rest, neck(blocks[L-1] ∘ … ∘ blocks[k](h_k)), and the decoder.
+
+Eligibility is read off the model, never from the method's name (`prefix_plan`):
+- the image encoder is SAM's ImageEncoderViT with its own forward (no hook, no patched forward), so the split
+  above is exactly what its forward computes;
+- every trainable parameter is in the mask decoder, in a block of the encoder, or in its neck (after the
+  blocks); k is the first block holding one, and k >= 1;
+- the prefix (patch embedding and blocks < k) holds only SAM's and torch's modules, without hooks or patched
+  forwards (activation checkpointing excepted: it computes the same thing), and nothing random in training mode
+  (no dropout with p > 0, no batch statistics).
+
+The stored tensor per image and view is h_k (in its own memory layout: a contiguous copy in another layout
+would change the rounding of the layers after it), (S/16, S/16, d) (d = 768 on ViT-B: 0.75 MB at 256 px in fp32).
+Storing it in bf16/fp16 (`--cache-dtype`) halves that and rounds it; the rounding is measured when the cache is
+built and reported (engine/cache.py).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+from segment_anything.modeling.image_encoder import ImageEncoderViT
+from torch import nn
+
+from samfit.model.checkpointing import is_checkpointed
+
+SAM_MODULE_PREFIXES = ("segment_anything.", "torch.nn.", "samfit.model.")
+BLOCK_PARAMETER = re.compile(r"image_encoder\.blocks\.(\d+)\.")
+
+
+def module_problem(module: nn.Module, where: str) -> str | None:
+    """Why `module` may not compute plain SAM's function (None when it does)."""
+    if not type(module).__module__.startswith(SAM_MODULE_PREFIXES):
+        return f"{where} is a {type(module).__name__}, not one of SAM's modules"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{where} has forward hooks"
+    if "forward" in module.__dict__ and not is_checkpointed(module):
+        return f"{where} has a patched forward"
+    dropout = isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+    if dropout or isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return f"{where} is a {type(module).__name__}, random or batch-dependent in training mode"
+    return None
+
+
+def first_trainable_block(model: nn.Module) -> tuple[int | None, str | None]:
+    """(k, None) with k the first encoder block holding a trainable parameter, or (None, why there is none)."""
+    blocks = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or name.startswith(("mask_decoder.", "image_encoder.neck.")):
+            continue
+        match = BLOCK_PARAMETER.match(name)
+        if match is None:
+            return None, f"{name} trains before the first block or outside the encoder's blocks"
+        blocks.add(int(match[1]))
+    if not blocks:
+        return None, "no parameter of the encoder's blocks trains"
+    return min(blocks), None
+
+
+def prefix_depth(model: nn.Module) -> tuple[int | None, str | None]:
+    """(k, None) when patch embedding + blocks < k can be cached (k >= 1), else (None, why not)."""
+    encoder = model.image_encoder
+    if type(encoder) is not ImageEncoderViT:
+        return None, f"the image encoder is a {type(encoder).__name__}, not SAM's ImageEncoderViT"
+    problem = module_problem(encoder, "image_encoder")
+    if problem:
+        return None, problem
+    k, reason = first_trainable_block(model)
+    if reason:
+        return None, reason
+    if k == 0:
+        return None, "block 0 trains"
+    for part, module in [("patch_embed", encoder.patch_embed)] + [(f"blocks.{i}", encoder.blocks[i])
+                                                                   for i in range(k)]:
+        for name, sub in module.named_modules():
+            problem = module_problem(sub, f"image_encoder.{part}" + (f".{name}" if name else ""))
+            if problem:
+                return None, problem
+    return k, None
+
+
+class EncoderPrefix(nn.Module):
+    """h_k = blocks[:k](patch_embed(x) + pos_embed), as ImageEncoderViT.forward computes it on the way."""
+
+    def __init__(self, encoder: ImageEncoderViT, k: int):
+        super().__init__()
+        self.encoder, self.k = encoder, k
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        e = self.encoder
+        x = e.patch_embed(images)
+        if e.pos_embed is not None:
+            x = x + e.pos_embed
+        for block in e.blocks[:self.k]:
+            x = block(x)
+        return x
+
+
+def memory_order(x: torch.Tensor) -> list[int]:
+    """x's dimensions from outermost to innermost in memory, the batch first: x.permute(order) is contiguous when
+    x is a permutation of a contiguous tensor (SAM's h_k is: patch_embed permutes a channels-first convolution)."""
+    return [0] + sorted(range(1, x.dim()), key=lambda d: (-x.stride(d), d))
+
+
+class StoredInput(nn.Module):
+    """A module fed with tensors stored as x.permute(order).contiguous(): `restore` gives back x's shape and its
+    memory layout (strides), so the layers after the cache run the same kernels as on the live tensor."""
+
+    order: list[int] | None = None
+
+    def restore(self, stored: torch.Tensor) -> torch.Tensor:
+        if self.order is None:
+            return stored
+        return stored.permute([self.order.index(d) for d in range(stored.dim())])
+
+
+class PrefixCachedSegmenter(StoredInput):
+    """The Segmenter fed with stored prefixes h_k: blocks >= k, the neck, the decoder and the auxiliary losses."""
+
+    def __init__(self, model: nn.Module, k: int):
+        super().__init__()
+        self.model, self.k = model, k
+
+    def encode_rest(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.model.image_encoder
+        for block in e.blocks[self.k:]:
+            x = block(x)
+        return e.neck(x.permute(0, 3, 1, 2))
+
+    def forward(self, prefixes: torch.Tensor) -> dict:
+        out = self.model.decode(self.encode_rest(self.restore(prefixes)))
+        out["aux_loss"] = self.model.collect_aux_loss(prefixes)
+        return out
