@@ -7,6 +7,7 @@ import torch
 
 import samfit
 from samfit import SamfitError
+from samfit.methods.base import missing_features
 from samfit.model.backbones import normalisation, resolve_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -158,3 +159,25 @@ def test_grad_checkpoint_covers_hiera_blocks_with_the_same_gradients():
     assert plain.keys() == checkpointed.keys() and any("image_encoder" in n for n in plain)
     for n in plain:
         assert torch.allclose(plain[n], checkpointed[n], rtol=0, atol=1e-12 * plain[n].abs().max()), n
+
+
+@pytest.mark.parametrize("name", [n for n in samfit.list_methods() if type(samfit.get_method(n)).mergeable
+                                  and not missing_features(type(samfit.get_method(n)), "sam2_tiny")])
+def test_mergeable_methods_merge_on_hiera(name):
+    """Trained-looking parts (random, non-zero) folded into Hiera's own weights: the same outputs in float64 and
+    only sam2's / torch's / segment_anything's modules left in the encoder."""
+    torch.manual_seed(0)
+    method = samfit.get_method(name)
+    model = method.apply(samfit.build_model("sam2_tiny", image_size=SIZE)).double().eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and not n.startswith("mask_decoder."):
+                p.add_(torch.randn(p.shape, dtype=p.dtype) * 0.05)
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    with torch.no_grad():
+        before = model(x)["logits"]
+        after = method.merge(model)(x)["logits"]
+    assert (after - before).abs().max() <= 1e-10 * before.abs().max()
+    kinds = {type(m).__module__.split(".")[0] for m in model.image_encoder.modules()}
+    assert kinds <= {"sam2", "torch", "segment_anything", "samfit"}, kinds
+    assert not any(type(m).__module__.startswith("samfit.methods") for m in model.image_encoder.modules())

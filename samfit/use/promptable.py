@@ -66,11 +66,14 @@ def sam_models(record, device: torch.device):
     from segment_anything import sam_model_registry
     from segment_anything.modeling import Sam
 
-    from samfit.model.sam import get_variant, load_sam_state
+    from samfit.model.backbones import get_backbone
+    from samfit.model.sam import load_sam_state
     from samfit.use.load import load_run, run_checkpoint
 
     cfg = record.config
-    if not get_variant(cfg.model).has_weights:
+    backbone = get_backbone(cfg.model)
+    # SamPredictor is SAM's: SAM's file and SAM's normalisation (not MedSAM's [0, 1] scaling, not SAM 2)
+    if not backbone.has_weights or backbone.family != "sam" or backbone.architecture != cfg.model:
         raise SamfitError(f"Run {record.folder} used model '{cfg.model}', which has no SAM checkpoint with a prompt "
                           f"encoder and promptable decoder to test. --prompts box needs a vit_b, vit_l or vit_h run; "
                           f"drop --prompts to score the run's own decoder.")
