@@ -19,7 +19,7 @@ import yaml
 
 from samfit.config import DEVICES, RunConfig
 from samfit.errors import SamfitError
-from samfit.model.backbones import check_image_size, get_backbone, where_to_get
+from samfit.model.backbones import check_image_size, get_backbone, weights_url
 from samfit.model.sam import VARIANTS, resize_encoder_state
 
 _MD5_SEEN: dict[tuple, str] = {}  # (path, size, mtime) -> MD5, so loading a run twice reads the file once
@@ -113,7 +113,9 @@ def run_checkpoint(record: RunRecord) -> Path | None:
     if not get_backbone(cfg.model).has_weights:
         return None
     recorded = record.metrics.get("sam_checkpoint") or {}
-    how = f"Put the checkpoint the run used back in place. {where_to_get(cfg.model)} Copy it"
+    w = get_backbone(cfg.model).weights
+    how = (f"Download the official file with `samfit weights download {cfg.model}` (from {weights_url(cfg.model)})"
+           if w.url else f"Download {w.file} by hand from {w.source},")
     if recorded:
         path = Path(recorded["path"])
         if not path.is_file():
