@@ -43,7 +43,8 @@ def hf_loss(class_logits, mask_logits, targets, num_points=NUM_POINTS):
     size = targets[0]["masks"].shape[-2:]
     upsampled = F.interpolate(mask_logits, size=tuple(size), mode="bilinear", align_corners=False)
     terms = criterion(masks_queries_logits=upsampled, class_queries_logits=class_logits,
-                      mask_labels=[t["masks"].to(upsampled) for t in targets], class_labels=[t["labels"] for t in targets])
+                      mask_labels=[t["masks"].to(upsampled) for t in targets],
+                      class_labels=[t["labels"] for t in targets])
     assert set(terms) == {"loss_cross_entropy", "loss_mask", "loss_dice"}
     return sum(terms.values())
 

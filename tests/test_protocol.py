@@ -148,10 +148,10 @@ def test_both_paper_grids_are_the_same_216_runs_under_their_protocol():
     for o, s in zip(official.runs, samfit.runs):
         assert (o.method, o.dataset, o.seed, o.epochs, o.lr, o.model, o.image_size) == \
             (s.method, s.dataset, s.seed, s.epochs, s.lr, s.model, s.image_size)
-        assert (o.protocol, o.batch_size, o.effective_batch, o.eval_resolution, o.decay_exclude) == \
-            ("official", 1, 4, "model", "bias-norm")
-        assert (s.protocol, s.batch_size, s.effective_batch, s.eval_resolution, s.decay_exclude) == \
-            ("samfit", 4, 4, "gt", "none")
+        assert (o.protocol, o.batch_size, o.effective_batch, o.eval_resolution, o.decay_exclude, o.head) == \
+            ("official", 1, 4, "model", "bias-norm", "official")
+        assert (s.protocol, s.batch_size, s.effective_batch, s.eval_resolution, s.decay_exclude, s.head) == \
+            ("samfit", 4, 4, "gt", "none", "samfit")
         assert o.loss == protocol_loss("official", s.loss) and o.loss.endswith("-official") == (s.loss != "balanced-bce")
         assert o.run_name() == s.run_name() + "_official"
 
