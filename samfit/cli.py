@@ -190,14 +190,16 @@ def _bench_methods(text: str) -> list[str]:
     if text.strip() == "none":
         return []
     names = samfit.list_methods() if text.strip() == "all" else [m.strip() for m in text.split(",") if m.strip()]
-    for name in names:
-        samfit.get_method(name)  # an unknown name raises with a suggestion
+    for name in names:  # an unknown name or placement raises with a suggestion
+        method, _, blocks = name.partition("@")
+        samfit.get_method(method, **({"blocks": blocks} if blocks else {}))
     return names
 
 
 @app.command()
 def bench(
-    methods: str = typer.Option("all", help="Comma-separated methods, 'all', or 'none' (with --data)."),
+    methods: str = typer.Option("all", help="Comma-separated methods (a placement as lora@last:3), 'all', or "
+                                            "'none' (with --data)."),
     model: str = typer.Option("vit_b", help=f"{MODELS} (random weights: speed and memory do not depend on them)."),
     image_size: int = typer.Option(256, help="Input size, a multiple of 16."),
     batch: int = typer.Option(2, help="Images per forward pass."),
@@ -215,6 +217,11 @@ def bench(
     grad_checkpoint: bool = typer.Option(False, "--grad-checkpoint", help="Checkpoint every encoder block."),
     compare_grad_checkpoint: bool = typer.Option(False, "--compare-grad-checkpoint",
                                                  help="Measure every configuration with and without it."),
+    cache: bool = typer.Option(False, "--cache", help="Train from what `samfit run` would cache for the model (the "
+                                                      "prefix of a late placement, decoder-only's embeddings) where "
+                                                      "it allows one; built before the timed steps."),
+    compare_cache: bool = typer.Option(False, "--compare-cache", help="Measure every configuration with and "
+                                                                      "without --cache."),
     device: str = typer.Option("auto", help=" | ".join(allowed_values("device"))),
     memory: bool = typer.Option(True, "--memory/--no-memory", help="Peak memory (a subprocess per row)."),
     data: Optional[str] = typer.Option(None, help="Also time the input pipeline on this dataset's training split."),
@@ -246,8 +253,9 @@ def bench(
     names = _bench_methods(methods)
     if not names and not data:
         raise SamfitError("Nothing to measure: give --methods and/or --data.")
+    caches = [False, True] if compare_cache else [cache]
     records, meta = run_bench(names, shape, steps, warmup, attentions, precisions, checkpoints, memory, baseline,
-                              log=lambda msg: err.print(msg)) if names else ([], {})
+                              log=lambda msg: err.print(msg), caches=caches) if names else ([], {})
     data_result = data_throughput(data, image_size, batch, num_workers, data_batches, dev.type, data_root) \
         if data else None
     path = write_bench(out, records, meta, data_result)

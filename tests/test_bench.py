@@ -167,3 +167,27 @@ def test_conv_lora_hot_path_has_no_per_sample_loop_and_one_host_read_per_layer(m
         assert not {"aten::bincount", "aten::nonzero", "aten::unique", "aten::_unique2", "aten::masked_select"} & set(ops)
         # SAM's own convolutions (patch embedding, neck) + at most one per expert and layer, not one per sample
         assert ops["aten::conv2d"] <= 3 + 8 * layers < 3 + 16 * layers
+
+
+def test_a_cached_configuration_trains_from_the_stored_prefix():
+    """`--cache` on a late placement: the timed step feeds the stored h_k through blocks >= k, and its loss and
+    gradients are those of the uncached step on the same batch (the prefix is computed on the same batch of two, so
+    no row can round differently); a model that allows no cache says why and trains uncached."""
+    from samfit.engine.prefix_cache import PrefixCachedSegmenter
+
+    shape = Shape("tiny", 64, 2, "cpu")
+    cached, plain = Bench(Setting("lora@last:1", cache=True), shape), Bench(Setting("lora@last:1"), shape)
+    assert isinstance(cached.forward, PrefixCachedSegmenter) and cached.cache["blocks_cached"] == 3
+    assert cached.images.shape[0] == 2 and cached.images.shape[1:] != plain.images.shape[1:]
+    results = []
+    for bench in (cached, plain):
+        bench.model.train()
+        loss, _ = bench.step(bench.images, bench.targets, 0)
+        results.append((loss, {n: p.grad for n, p in bench.model.named_parameters() if p.grad is not None}))
+    (loss_c, grads_c), (loss_p, grads_p) = results
+    assert torch.equal(loss_c, loss_p) and grads_c.keys() == grads_p.keys()
+    assert all(torch.equal(grads_c[n], grads_p[n]) for n in grads_p)
+    record = cached.record(None)
+    assert record["method"] == "lora@last:1" and record["cache"]["kind"] == "prefix"
+    everywhere = Bench(Setting("lora", cache=True), shape)
+    assert everywhere.cache["kind"] is None and "block 0 trains" in everywhere.cache["reason"]

@@ -41,16 +41,29 @@ MEMORY_STEPS = 2
 
 @dataclass(frozen=True)
 class Setting:
-    """One configuration of the benchmark."""
+    """One configuration of the benchmark. `method` may carry a placement, `lora@last:3`; `cache`: train from the
+    stored tensors `samfit run` would cache for this model (the prefix of late placement, or decoder-only's
+    embeddings; engine/cache.py) where it allows one."""
 
     method: str
     attention: str = "sdpa"
     precision: str = "fp32"
     grad_checkpoint: bool = False
+    cache: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.method.partition("@")[0]
+
+    @property
+    def method_args(self) -> dict:
+        blocks = self.method.partition("@")[2]
+        return {"blocks": blocks} if blocks else {}
 
     @property
     def label(self) -> str:
-        extras = [self.attention, self.precision] + (["grad-ckpt"] if self.grad_checkpoint else [])
+        extras = [self.attention, self.precision] + (["grad-ckpt"] if self.grad_checkpoint else []) + (
+            ["cache"] if self.cache else [])
         return f"{self.method} ({', '.join(extras)})"
 
 
@@ -73,7 +86,7 @@ class Shape:
 
 def run_config(setting: Setting, shape: Shape) -> RunConfig:
     """The run settings whose training step this configuration times (random weights, one epoch)."""
-    return RunConfig(method=setting.method, model=shape.model, image_size=shape.image_size, batch_size=shape.batch,
+    return RunConfig(method=setting.name, method_args=setting.method_args, model=shape.model, image_size=shape.image_size, batch_size=shape.batch,
                      effective_batch=shape.effective_batch or shape.batch, precision=setting.precision,
                      attention=setting.attention, grad_checkpoint=setting.grad_checkpoint, device=shape.device,
                      lr=1e-5, epochs=1, loss="structure")
@@ -104,9 +117,34 @@ class Bench:
         torch.manual_seed(seed)
         self.model = build_model_for(cfg, shape.num_classes, device)
         task = "binary" if shape.num_classes == 1 else "multiclass"
-        self.step = make_train_step(cfg, self.model, task, shape.num_classes, total_steps=10**9, device=device)
         self.images, self.targets = synthetic_batch(shape, seed)
+        self.forward, self.cache = self.model, None
+        if setting.cache:
+            self.cache = self.stored_batch(cfg, device)
+        self.step = make_train_step(cfg, self.model, task, shape.num_classes, total_steps=10**9, device=device,
+                                    forward=self.forward)
         self.train_timer, self.eval_timer = Timer(device), Timer(device)
+
+    def stored_batch(self, cfg, device) -> dict:
+        """Replace the batch by what the run's cache would store for it (kept out of the timed steps, as a cached
+        run builds its cache before training); returns what the record says about the cache."""
+        from samfit.engine.cache import build_cache, cache_plan
+
+        plan, reason = cache_plan(self.model, cfg.image_size)
+        if plan is None:
+            return {"kind": None, "reason": reason}
+        items = [(image.cpu(), target.cpu(), i) for i, (image, target) in enumerate(zip(self.images, self.targets))]
+        cache = build_cache(self.model, items, items, self.shape.batch, self.shape.batch, False, device,
+                            self.step_autocast(cfg, device), plan=plan)
+        stored, targets, _ = next(cache.batches(list(range(len(items))), self.shape.batch, None))
+        self.images, self.targets, self.forward = stored.to(device), targets.to(device), cache.model
+        return {"kind": plan.kind, "blocks_cached": plan.blocks, "mb_per_image": round(plan.item_mb, 3)}
+
+    @staticmethod
+    def step_autocast(cfg, device):
+        from samfit.engine.step import autocast_for
+
+        return autocast_for(cfg.precision, device)[0]
 
     def train_step(self) -> float:
         """One optimiser step: `accum` micro-batches; returns the last micro-batch's loss."""
@@ -117,9 +155,9 @@ class Bench:
 
     @torch.no_grad()
     def eval_batch(self) -> None:
-        self.model.eval()
+        self.forward.eval()
         with self.step.autocast():
-            self.model(self.images)["logits"].float().sigmoid()
+            self.forward(self.images)["logits"].float().sigmoid()
 
     def run(self, kind: str) -> None:
         if kind == "train":
@@ -135,7 +173,7 @@ class Bench:
 
     def record(self, peak_mb: float | None) -> dict:
         s, shape = self.setting, self.shape
-        return {"method": s.method, "step_time_s": self.train_timer.median,
+        return {"method": s.method, "cache": self.cache, "step_time_s": self.train_timer.median,
                 "train_img_per_s": self.train_timer.images_per_s, "eval_img_per_s": self.eval_timer.images_per_s,
                 "eval_batch_time_s": self.eval_timer.median, "peak_memory_mb": peak_mb,
                 "trainable_params": count_parameters(self.model)["trainable"], "attention": s.attention,
@@ -198,11 +236,11 @@ def load_average() -> list[float] | None:
 
 def run_bench(methods: list[str], shape: Shape, steps: int, warmup: int = 2, attentions=("sdpa",),
               precisions=("fp32",), checkpoints=(False,), memory: bool = True, baseline: str = "lora",
-              log=print) -> tuple[list[dict], dict]:
+              log=print, caches=(False,)) -> tuple[list[dict], dict]:
     """Benchmark every combination; returns (records with ratios to `baseline`, meta)."""
     if steps < 1 or warmup < 0:
         raise SamfitError("--steps must be >= 1 and --warmup >= 0.")
-    settings = [Setting(m, a, p, c) for m, a, p, c in itertools.product(methods, attentions, precisions, checkpoints)]
+    settings = [Setting(*combo) for combo in itertools.product(methods, attentions, precisions, checkpoints, caches)]
     for setting in settings:
         run_config(setting, shape)  # every setting is valid before anything is measured
     meta = {"machine": machine(), "load_before": load_average(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -14,6 +14,16 @@ def _fmt(value, digits=2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _cache_cell(cache: dict | None) -> str:
+    """off; the kind of cache trained from (prefix: how many blocks are stored); or "none" when the model allows
+    none."""
+    if not cache:
+        return "off"
+    if cache["kind"] is None:
+        return "none"
+    return f"prefix ({cache['blocks_cached']} blocks)" if cache["kind"] == "prefix" else cache["kind"]
+
+
 def markdown(records: list[dict], meta: dict, data: dict | None = None) -> str:
     lines = []
     if records:
@@ -28,11 +38,12 @@ def markdown(records: list[dict], meta: dict, data: dict | None = None) -> str:
                   f"{meta['warmup']} warm-up steps, round-robin; step time is the median of whole optimiser "
                   f"steps. Peak memory: {meta['peak_memory_kind']}, a fresh process per row, "
                   f"{meta['memory_steps']} steps. Ratios are to {base}.", ""]
-        head = ["method", "attention", "precision", "grad ckpt", "step s", f"step × {base}", "train img/s",
+        head = ["method", "attention", "precision", "grad ckpt", "cache", "step s", f"step × {base}", "train img/s",
                 "eval img/s", f"eval × {base}", "peak MB", f"peak × {base}", "trainable", f"trainable × {base}"]
-        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + "---:|" * (len(head) - 4)]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * 5 + "---:|" * (len(head) - 5)]
         for r in records:
             cells = [r["method"], r["attention"], r["precision"], "on" if r["grad_checkpoint"] else "off",
+                     _cache_cell(r.get("cache")),
                      _fmt(r["step_time_s"], 3), _fmt(r["step_time_s_vs_baseline"]), _fmt(r["train_img_per_s"]),
                      _fmt(r["eval_img_per_s"]), _fmt(r["eval_img_per_s_vs_baseline"]), _fmt(r["peak_memory_mb"], 0),
                      _fmt(r["peak_memory_mb_vs_baseline"]), _fmt(r["trainable_params"]),
