@@ -101,3 +101,18 @@ def test_an_official_multiclass_run_records_its_head_and_load_run_rebuilds_it(tm
     assert "mask_decoder.class_head.layers.0.weight" in best and all(torch.equal(state[k], v) for k, v in best.items())
     trained = best["mask_decoder.mask_tokens.weight"]
     assert not all(torch.equal(row, trained[0]) for row in trained)  # training broke the queries' symmetry
+
+
+def test_an_official_run_made_before_the_head_setting_loads_with_the_head_it_trained(tmp_path, data_root):
+    """Official multi-class runs made before `head` existed trained samfit's head; their config.yaml has no `head`,
+    so the protocol would fill `official`: load_run reads the head from the trained parameters instead."""
+    from samfit.engine.train import run
+
+    cfg = make_config(None, protocol="official", head="samfit", dataset="shapes-multiclass", image_size=64,
+                      epochs=1, limit_train=4, limit_eval=2, device="cpu", out=str(tmp_path / "runs"))
+    folder = run(cfg, quiet=True)
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    del config["head"], config["queries"]
+    (folder / "config.yaml").write_text(yaml.safe_dump(config))
+    model = samfit.load_run(folder, device="cpu")
+    assert model.head == "samfit" and len(model.mask_decoder.class_head.layers) == 2

@@ -80,7 +80,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
         raise SamfitError(f"Run {folder} did not finish (status {state}{why}). Continue it with the same "
                           f"`samfit run` command plus --resume, then use it.")
     try:
-        config = RunConfig(**yaml.safe_load((folder / "config.yaml").read_text()))
+        saved = yaml.safe_load((folder / "config.yaml").read_text())
+        config = RunConfig(**saved)
     except (yaml.YAMLError, TypeError) as exc:
         raise SamfitError(f"{folder / 'config.yaml'} cannot be read as run settings ({exc}). It was edited or "
                           f"written by another samfit version; re-run the run.") from None
@@ -94,6 +95,8 @@ def read_run(run_dir: str | Path) -> RunRecord:
         raise SamfitError(f"{best_path} is unreadable ({type(exc).__name__}): the file is damaged. Copy the run "
                           f"folder again or re-run the run.") from None
     metrics = json.loads((folder / "metrics.json").read_text())
+    if "head" not in saved and any(".class_head.layers.1." in k for k in best):  # made before `head` existed
+        config = dataclasses.replace(config, head="samfit")
     return RunRecord(folder, config, metrics, best)
 
 
