@@ -90,6 +90,11 @@ def protocol_label(model: str, protocol: str) -> str:
     return model if protocol == "samfit" else f"{model} ({protocol})"
 
 
+def model_of(label: str) -> str:
+    """The model of a report's model label: 'vit_h (official)' -> 'vit_h' (protocol_label's inverse)."""
+    return label.split(" (", 1)[0]
+
+
 def run_setting(run_dir: str | Path, key: str):
     """One setting of a run: from its config.yaml, else metrics.json, else RunConfig's default (a setting newer
     than the run). `method_args.KEY` reads one method argument."""

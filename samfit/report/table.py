@@ -6,7 +6,7 @@ from tabulate import tabulate
 
 from samfit.errors import SamfitError
 from samfit.methods import ORDER
-from samfit.report.collect import EVAL_MARK
+from samfit.report.collect import EVAL_MARK, model_of
 
 FORMATS = ("rich", "markdown", "csv", "latex", "html")
 
@@ -72,7 +72,7 @@ def not_applicable_rows(summary: pd.DataFrame, order: list[str]) -> list[dict]:
     for method in summary["method"].unique():
         cls = REGISTRY.get(method.partition("@")[0])
         for model in summary["model"].unique():
-            if cls is not None and missing_features(cls, model):
+            if cls is not None and missing_features(cls, model_of(model)):  # 'vit_h (official)' is vit_h
                 rows.append({**{k: "n/a" for k in order}, "method": method, "model": model})
     return rows
 
