@@ -68,6 +68,7 @@ def sam_models(record, device: torch.device):
 
     from samfit.model.backbones import get_backbone
     from samfit.model.sam import load_sam_state
+    from samfit.use.export import decoder_value
     from samfit.use.load import load_run, run_checkpoint
 
     cfg = record.config
@@ -84,8 +85,6 @@ def sam_models(record, device: torch.device):
     plain.load_state_dict(load_sam_state(run_checkpoint(record), cfg.model))
     # merged when mergeable: plain SAM's cost, and the very encoder `samfit export --format sam` writes
     model = load_run(record.folder, device="cpu", image_size=SAM_SIZE, merge=True)
-    from samfit.use.export import decoder_value
-
     tuned_decoder, trained = copy.deepcopy(plain.mask_decoder), model.state_dict()
     tuned_decoder.load_state_dict({k: decoder_value(k, v, trained) for k, v in plain.mask_decoder.state_dict().items()})
     encoder = _Encoder(model.image_encoder)
