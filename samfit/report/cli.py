@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -173,6 +174,9 @@ def report(
     runs = apply_select_quiet(results, select, notes)
     write_text(out, build_report(runs, results, baseline, metric, Settings(confidence, resamples, seed), rope,
                                  notes))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out, 0o666 & ~umask)  # a page to share: the umask's mode, not the atomic write's private one
     console.print(f"wrote {out}", highlight=False)
 
 
