@@ -13,6 +13,10 @@ dataset's headline), over the seeds both have and the images both scored (runs' 
 - p_holm: Holm's step-down adjustment over every comparison of the output;
 - verdict: "better" / "worse" when p_holm < 1 − confidence (the direction from the difference's sign and whether
   lower is better), otherwise "no detectable difference".
+
+A dataset run at two or more train fractions also gets, per method, the area under its metric-vs-fraction curve
+(`<metric>@area`, `samfit.report.efficiency`), compared the same way over the same test images. Ranks across
+test sets are in `samfit.report.ranks`, the Bayesian signed-rank test in `samfit.report.bayes`.
 """
 from __future__ import annotations
 
