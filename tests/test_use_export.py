@@ -22,9 +22,25 @@ METHODS = ("lora", "ssf", "bitfit")
 CHANGED = {"lora": "blocks.0.attn.qkv.weight", "ssf": "blocks.0.attn.qkv.weight", "bitfit": "blocks.0.attn.qkv.bias"}
 
 
+class TrainedRuns(dict):
+    """{method: run folder}, each run trained on first use: under pytest-xdist every worker builds module fixtures
+    itself, so a worker trains only the methods its tests ask for."""
+
+    def __init__(self, tmp, checkpoint):
+        super().__init__()
+        self.tmp, self.checkpoint = tmp, checkpoint
+
+    def __missing__(self, method):
+        self[method] = run(make_config(method=method, dataset="shapes", model="vit_b", checkpoint=str(self.checkpoint),
+                                       image_size=256, epochs=1, limit_train=4, limit_eval=1, batch_size=2,
+                                       effective_batch=2, lr=1e-2, device="cpu", out=str(self.tmp / "runs"),
+                                       data_root=str(self.tmp / "data")), quiet=True)
+        return self[method]
+
+
 @pytest.fixture(scope="module")
 def vit_b_runs(tmp_path_factory):
-    """{method: run folder} of one source checkpoint, plus (checkpoint path, its state)."""
+    """(the runs of one source checkpoint, trained two steps at 256 px, by method; the checkpoint; its state)."""
     tmp = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     sam = sam_model_registry["vit_b"]()
@@ -36,11 +52,7 @@ def vit_b_runs(tmp_path_factory):
     checkpoint = tmp / "sam_vit_b_random.pth"
     torch.save(state, checkpoint)
     del sam
-    folders = {m: run(make_config(method=m, dataset="shapes", model="vit_b", checkpoint=str(checkpoint),
-                                  image_size=256, epochs=1, limit_train=4, limit_eval=1, batch_size=2,
-                                  effective_batch=2, lr=1e-2, device="cpu", out=str(tmp / "runs"),
-                                  data_root=str(tmp / "data")), quiet=True) for m in METHODS}
-    return folders, checkpoint, state
+    return TrainedRuns(tmp, checkpoint), checkpoint, state
 
 
 @pytest.fixture(scope="module")
