@@ -77,7 +77,7 @@ def check_rendered(dom: str, log: str, methods, datasets, comparisons: int) -> E
 @pytest.fixture
 def results(tmp_path):
     root = tmp_path / "runs"
-    for k, dataset in enumerate(("blobs", "drops", "dots")):
+    for k, dataset in enumerate(("blobs", "drops")):
         for seed in (0, 1):
             for method, quality in (("lora", 1), ("decoder-only", 3), ("bitfit", 1)):
                 write_run(root, method, seed, image_rows(np.random.default_rng(10 * k + seed), 20, quality),
@@ -97,7 +97,7 @@ def test_report_is_self_contained(cli, results, tmp_path):
     for heading in ("Results", "Verdicts against lora", "Ranks across test sets", "Bayesian signed-rank", "Plots",
                     "Runs and their settings"):
         assert f">{heading}" in text
-    assert text.count('<details class="run">') == 18
+    assert text.count('<details class="run">') == 12
     code, _, message = cli("report", results, "--out", out, "--rope", "-2")
     assert code == 2 and "--rope -2" in message
 
@@ -121,9 +121,9 @@ def test_report_renders_in_headless_chromium(cli, results, tmp_path):
     code, _, message = cli("report", results, "--out", out, "--resamples", "200")
     assert code == 0, message
     dom, log = render(out, tmp_path)
-    page = check_rendered(dom, log, ["lora", "decoder-only", "bitfit"], ["blobs", "drops", "dots"], 6)
+    page = check_rendered(dom, log, ["lora", "decoder-only", "bitfit"], ["blobs", "drops"], 4)
     decoder = [a for t, a in page.elements if t == "tr" and a.get("data-method") == "decoder-only"]
-    assert {a["data-verdict"] for a in decoder} == {"better"} and len(decoder) == 3
+    assert {a["data-verdict"] for a in decoder} == {"better"} and len(decoder) == 2
 
 
 @pytest.mark.slow
