@@ -220,7 +220,7 @@ def test_evaluate_writes_eval_json_and_leaves_metrics_json_alone(trained, cli):
     result = json.loads((folder / "eval" / "again.json").read_text())
     if near_a_threshold(unmerged_probabilities(folder, first_images(data_dir))) == 0:  # see MARGIN
         assert result["scores"]["test"] == json.loads(before)["scores"]["test"]  # the same images, same protocol
-    else:  # a few flipped pixels among LIMIT_EVAL images of 64 x 64
+    else:  # a few flipped pixels among LIMIT_EVAL images of 128 x 128
         floats = lambda d: {k: v for k, v in d.items() if isinstance(v, float)}  # noqa: E731
         assert floats(result["scores"]["test"]) == pytest.approx(floats(json.loads(before)["scores"]["test"]), abs=1e-2)
     rows = (folder / "eval" / "again_images.csv").read_text().splitlines()
