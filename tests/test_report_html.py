@@ -67,6 +67,8 @@ def check_rendered(dom: str, log: str, methods, datasets, comparisons: int) -> E
     rows = [a for t, a in page.elements if t == "tr" and "data-verdict" in a]
     assert len(rows) == comparisons
     assert {r["data-verdict"] for r in rows} <= {"better", "worse", "no detectable difference"}
+    assert {r["data-dataset"] for r in rows} == set(datasets)
+    assert {r["data-method"] for r in rows} | {r["data-baseline"] for r in rows} == set(methods)
     text = " ".join(page.text)
     assert all(m in text for m in methods) and all(d in text for d in datasets)
     assert "nan" not in text.lower().split()
