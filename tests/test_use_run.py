@@ -143,6 +143,24 @@ def test_predict_and_evaluate_merge_a_mergeable_method_first(trained, tmp_path, 
 
 
 @whole_run
+def test_a_decoder_lora_is_merged_with_any_method_in_float64(tmp_path):
+    import copy
+
+    from samfit.use.load import merge_for_inference
+
+    folder = _train(tmp_path, "shapes", method="ssf", decoder="lora:2", lr=1e-2)  # its B moves off zero
+    model = samfit.load_run(folder, device="cpu").double()
+    assert "DecoderLoRALinear" in {type(m).__name__ for m in model.mask_decoder.modules()}
+    merged = merge_for_inference(copy.deepcopy(model))
+    assert method_layers(merged.image_encoder) == set() and method_layers(merged.mask_decoder) == set()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before, after = model(x)["logits"], merged(x)["logits"]
+    # the same function with differently rounded weights: a few float64 eps of the output's scale
+    assert (after - before).abs().max() <= 2**20 * torch.finfo(torch.float64).eps * before.abs().max()
+
+
+@whole_run
 def test_predict_outputs_and_a_corrupt_image_is_skipped(trained, tmp_path, cli):
     folder, data_dir = trained
     inputs = tmp_path / "in"

@@ -72,7 +72,7 @@ def sam_state(run_dir, out: Path | None = None) -> tuple[dict, str]:
         raise SamfitError(f"--out {out} is the SAM checkpoint run {record.folder} was trained from; choose another "
                           f"file.")
     source = load_sam_state(path, get_backbone(cfg.model).architecture)  # MedSAM: a vit_b file
-    model = method.merge(load_run(record.folder, device="cpu"))
+    model = load_run(record.folder, device="cpu", merge=True)  # the method (and a decoder LoRA) folded in
     trained = model.state_dict()
     out = {}
     for key, value in source.items():

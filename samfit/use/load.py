@@ -175,12 +175,16 @@ def merge_for_inference(model):
     """The loaded model with a mergeable method (LoRA, SSF, BitFit, ...) folded into SAM's own weights, in place
     (`Method.merge`): the image encoder holds only SAM's modules, so inference costs what plain SAM's does and
     computes the same function (up to the rounding of the merged weights). `model.merged` says whether it was
-    merged; a method that cannot merge (Conv-LoRA, adapters, VPT, ...) is returned as it is."""
+    merged; a method that cannot merge (Conv-LoRA, adapters, VPT, ...) is returned as it is. LoRA on the decoder
+    (`--decoder lora:R`) is folded in with any method: W + (α/R)·B·A is SAM's decoder Linear again."""
     from samfit.methods import get_method
+    from samfit.methods.base import replace_modules
+    from samfit.model.decoder_lora import DecoderLoRALinear
 
     method = get_method(model.run_config.method, **model.run_config.method_args)
     if method.mergeable:
         method.merge(model)
+    replace_modules(model.mask_decoder, DecoderLoRALinear, lambda m: m.merged())
     model.merged = method.mergeable
     return model
 
