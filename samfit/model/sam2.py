@@ -109,8 +109,8 @@ def check_sam2_size(name: str, image_size: int) -> None:
 
 def build_sam2_parts(name: str, image_size: int, num_mask_tokens: int = 1):
     """(image_encoder, prompt_encoder, mask_decoder) of SAM 2.1 `name` with random weights, as
-    sam2/configs/sam2.1 builds them; the decoder has `num_mask_tokens` tokens and no IoU / object-score head
-    (with num_mask_tokens=4 and `heads=True` it is SAM 2's complete decoder, for counting)."""
+    sam2/configs/sam2.1 builds them; the decoder has `num_mask_tokens` tokens and still its IoU and
+    object-score heads (`cut_heads` removes them; with 4 tokens it is SAM 2's complete decoder, for counting)."""
     Hiera, FpnNeck, PositionEmbeddingSine, MaskDecoder, PromptEncoder, TwoWayTransformer = _sam2()
     h = HIERA[name]
     check_sam2_size(name, image_size)
@@ -154,10 +154,8 @@ class SAM2Segmenter(Segmenter):
         d = self.mask_decoder
         return [*super().decoder_trainable_modules(), d.obj_score_token, d.conv_s0, d.conv_s1]
 
-    def encode(self, images: torch.Tensor):
-        return self.image_encoder(images)
-
     def decode(self, features) -> dict:
+        """features = encode(images) = (image embedding, s4, s8)."""
         embedding, s4, s8 = features
         d = self.mask_decoder
         b, c, h, w = embedding.shape
