@@ -112,3 +112,15 @@ def test_table_shows_na_for_a_method_without_a_form_on_a_model():
     assert set(rows) == {("fact", "tiny"), ("lora", "sam2_tiny"), ("fact", "sam2_tiny")}
     assert rows["fact", "sam2_tiny"]["trainable"] == "n/a" and rows["fact", "sam2_tiny"]["shapes iou_per_image"] == "n/a"
     assert rows["lora", "sam2_tiny"]["shapes iou_per_image"] != "n/a"
+
+
+def test_bench_runs_on_sam2():
+    """`samfit bench --model sam2_tiny`: the same records (no memory subprocess here), ratios to LoRA."""
+    from samfit.engine.bench import Shape, run_bench
+
+    records, meta = run_bench(["lora", "decoder-only"], Shape("sam2_tiny", 64, 1, "cpu"), steps=1, warmup=1,
+                              memory=False, log=lambda *_: None)
+    assert [r["method"] for r in records] == ["lora", "decoder-only"]
+    assert all(r["step_time_s"] > 0 for r in records) and records[0]["step_time_s_vs_baseline"] == 1.0
+    lora = samfit.count_parameters(samfit.get_method("lora").apply(samfit.build_model("sam2_tiny", image_size=64)))
+    assert records[0]["trainable_params"] == lora["trainable"]

@@ -181,3 +181,19 @@ def test_mergeable_methods_merge_on_hiera(name):
     kinds = {type(m).__module__.split(".")[0] for m in model.image_encoder.modules()}
     assert kinds <= {"sam2", "torch", "segment_anything", "samfit"}, kinds
     assert not any(type(m).__module__.startswith("samfit.methods") for m in model.image_encoder.modules())
+
+
+def test_multiclass_queries_from_the_official_tokens(tiny_pair):
+    """As for SAM: samfit's head cycles SAM 2's four mask tokens over the Q = 2C queries (plus 0.02 noise), the
+    official head starts every query as token 0; MLP 0 is the shared hypernetwork."""
+    _, path = tiny_pair
+    official = torch.load(path, weights_only=True)["model"]
+    tokens = official["sam_mask_decoder.mask_tokens.weight"]
+    ours = samfit.build_model("sam2_tiny", num_classes=3, image_size=SIZE, checkpoint=path)
+    got = ours.mask_decoder.mask_tokens.weight
+    assert got.shape == (6, 256)
+    assert (got - tokens[torch.arange(6) % 4]).abs().max() < 0.2 and not torch.equal(got, tokens[torch.arange(6) % 4])
+    same = samfit.build_model("sam2_tiny", num_classes=3, image_size=SIZE, checkpoint=path, head="official")
+    assert torch.equal(same.mask_decoder.mask_tokens.weight, tokens[[0] * 6])
+    mlp = "output_hypernetworks_mlps.0.layers.0.weight"
+    assert torch.equal(ours.mask_decoder.state_dict()[mlp], official["sam_mask_decoder." + mlp])
