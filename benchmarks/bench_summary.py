@@ -56,8 +56,42 @@ def rows(out: Path) -> list[tuple[str, float | None, str, bool | None]]:
         ("ViT-B 512 px b1: LoRA step time, grad-checkpoint / without", _ratio(ckpt, sdpa, "step_time_s"), "≤ 1.50",
          lambda x: x <= 1.50),
     ]
+    table += issue_targets(out, b256)
     return [(what, value, target, None if value is None or test is None else bool(test(value)))
             for what, value, target, test in table]
+
+
+NEW_METHODS = ("ln-tune", "adaptformer", "fact", "dora", "ia3")
+
+
+def _cached(records, method: str, kind):
+    """The record of `method` trained from a cache of `kind` (None: without a cache)."""
+    for r in records or []:
+        if r["method"] == method and ((r.get("cache") or {}).get("kind") if r.get("cache") else None) == kind:
+            return r
+    return None
+
+
+def issue_targets(out: Path, b256) -> list:
+    """Late placement with the prefix cache, full with activation checkpointing, the new methods' step times."""
+    prefix = _load(out / "vitb256_prefix" / "bench.json")
+    full = _load(out / "vitb256_full_ckpt" / "bench.json")
+    late, lora = _cached(prefix, "lora@last:3", "prefix"), _cached(prefix, "lora", None)
+    plain, ckpt = _find(full, grad_checkpoint=False), _find(full, grad_checkpoint=True)
+    rows = [
+        ("ViT-B 256 px b2: lora@last:3 + prefix cache step time / lora", _ratio(late, lora, "step_time_s"),
+         "≤ 0.35", lambda x: x <= 0.35),
+        ("ViT-B 256 px b2: lora@last:3 + prefix cache peak memory / lora", _ratio(late, lora, "peak_memory_mb"),
+         "≤ 0.40", lambda x: x <= 0.40),
+        ("ViT-B 256 px b2: full peak memory, grad-checkpoint / without", _ratio(ckpt, plain, "peak_memory_mb"),
+         "≤ 0.60", lambda x: x <= 0.60),
+    ]
+    lora256 = _find(b256, method="lora")
+    for name in NEW_METHODS:
+        rows.append((f"ViT-B 256 px b2: {name} step time / LoRA", _ratio(_find(b256, method=name), lora256,
+                                                                         "step_time_s"), "≤ 1.15",
+                     lambda x: x <= 1.15))
+    return rows
 
 
 def summary(out: Path) -> str:
@@ -65,7 +99,7 @@ def summary(out: Path) -> str:
     for what, value, target, met in rows(out):
         lines.append(f"| {what} | {'—' if value is None else f'{value:.2f}'} | {target} | "
                      f"{'—' if met is None else ('yes' if met else '**no**')} |")
-    for name in ("vitb256", "vitb512"):
+    for name in ("vitb256", "vitb512", "vitb256_prefix", "vitb256_full_ckpt"):
         meta = _load(out / name / "bench_meta.json")
         if meta:
             m = meta["machine"]

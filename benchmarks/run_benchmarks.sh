@@ -32,6 +32,14 @@ uptime | tee "$OUT/load_start.txt"
 "$SAMFIT" bench --methods lora --model vit_b --image-size 512 --batch 1 --steps "$STEPS" --warmup "$WARMUP" \
   --device "$DEVICE" "${threads[@]}" --attention sdpa,reference --compare-grad-checkpoint --out "$OUT/vitb512"
 
+# ViT-B, 256 px, batch 2: LoRA in every block vs LoRA in the last 3, each with and without the prefix cache
+"$SAMFIT" bench --methods lora,lora@last:3 --compare-cache --model vit_b --image-size 256 --batch 2 --steps "$STEPS" \
+  --warmup "$WARMUP" --device "$DEVICE" "${threads[@]}" --out "$OUT/vitb256_prefix"
+
+# ViT-B, 256 px, batch 2: full fine-tuning with and without activation checkpointing
+"$SAMFIT" bench --methods full --model vit_b --image-size 256 --batch 2 --steps "$STEPS" --warmup "$WARMUP" \
+  --device "$DEVICE" "${threads[@]}" --compare-grad-checkpoint --out "$OUT/vitb256_full_ckpt"
+
 # decoder-only epochs with and without the embedding cache (samfit run, CPU)
 "$PY" benchmarks/bench_cache.py --out "$OUT/cache" ${THREADS:+--threads "$THREADS"}
 
