@@ -10,7 +10,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss
 from scipy.optimize import linear_sum_assignment
 
 from samfit.errors import SamfitError, unknown_name
@@ -97,6 +96,8 @@ def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Soft Dice loss on σ(logits), per image, mean over the batch (MONAI `DiceLoss(sigmoid=True)`)."""
+    from monai.losses import DiceLoss  # imported here: monai's import takes seconds (and imports transformers)
+
     logits, target = _as_nchw(logits, target)
     return DiceLoss(sigmoid=True)(logits, target)
 

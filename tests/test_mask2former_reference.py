@@ -5,19 +5,25 @@ Neither API takes the sample points, so both draw them from torch's global gener
 each call: the matcher draws one (1, P, 2) set per image, then the mask terms one (N, 3P, 2) oversampled set and one
 (N, P/4, 2) uniform set, in that order in both. HF draws in torch's default dtype, samfit in the logits' dtype, so
 the comparison runs in float64 with float64 as the default dtype: the very same points, and a tolerance derived
-from float64's machine epsilon. transformers is imported here only, so the other test modules never pay for it.
+from float64's machine epsilon. transformers is imported by the `hf_loss_class` fixture, when one of these tests runs:
+collecting the test suite never pays for it (several seconds per process).
 """
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import Mask2FormerConfig
-from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
-
 from samfit.losses import (IMPORTANCE_RATIO, NUM_POINTS, OFFICIAL_MATCH_WEIGHTS, OVERSAMPLE_RATIO,
                            mask_classification_loss_official, semantic_targets)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 1e4 * torch.finfo(torch.float64).eps  # ~2e-12: sums over 12,544 points in another order
+
+
+@pytest.fixture(scope="module")
+def hf_loss_class():
+    from transformers import Mask2FormerConfig
+    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss
+
+    return Mask2FormerConfig, Mask2FormerLoss
 
 
 @pytest.fixture(autouse=True)
@@ -29,12 +35,13 @@ def float64_default():
     torch.set_default_dtype(before)
 
 
-def hf_loss(class_logits, mask_logits, targets, num_points=NUM_POINTS):
+def hf_loss(classes, class_logits, mask_logits, targets, num_points=NUM_POINTS):
     """The official code's loss: AutoGluon's sam.py upsamples the mask logits bilinearly to the input size, its
     losses/utils.py builds Mask2FormerLoss(Mask2FormerConfig(num_labels=C)), its lit_semantic_seg.py casts the target
     masks to the logits' dtype and sums the terms.
     The matcher's costs are the paper-era ones (class 1, mask 5, dice 5: transformers then fixed the class cost at 1;
     this release reads it from `class_weight`, so it is set)."""
+    Mask2FormerConfig, Mask2FormerLoss = classes
     w_class, w_mask, w_dice = OFFICIAL_MATCH_WEIGHTS
     config = Mask2FormerConfig(num_labels=class_logits.shape[-1] - 1, class_weight=w_class, mask_weight=w_mask,
                                dice_weight=w_dice, no_object_weight=0.1, train_num_points=num_points,
@@ -49,10 +56,10 @@ def hf_loss(class_logits, mask_logits, targets, num_points=NUM_POINTS):
     return sum(terms.values())
 
 
-def both(class_logits, mask_logits, targets, seed, **kw):
+def both(hf, class_logits, mask_logits, targets, seed, **kw):
     """(samfit's loss, HF's loss) and their gradients on the logits, each after torch.manual_seed(seed)."""
     out = []
-    for fn in (mask_classification_loss_official, hf_loss):
+    for fn in (mask_classification_loss_official, lambda *a, **k: hf_loss(hf, *a, **k)):
         c, m = class_logits.clone().requires_grad_(), mask_logits.clone().requires_grad_()
         torch.manual_seed(seed)
         loss = fn(c, m, targets, **kw)
@@ -82,29 +89,30 @@ def case(batch, queries, classes, low, high, seed=0, ignore=False):
     (2, 10, 12, 16, 48, True),  # the official unit tests' 10 queries for 12 classes; ignored pixels
     (3, 2, 4, 8, 32, False),  # fewer queries than target masks: some targets stay unmatched
 ])
-def test_official_loss_equals_hf_mask2former_loss(batch, queries, classes, low, high, ignore):
+def test_official_loss_equals_hf_mask2former_loss(hf_loss_class, batch, queries, classes, low, high, ignore):
     class_logits, mask_logits, targets = case(batch, queries, classes, low, high, ignore=ignore)
     assert any(len(t["labels"]) > 1 for t in targets)
-    (ours, our_c, our_m), (ref, ref_c, ref_m) = both(class_logits, mask_logits, targets, seed=7)
+    (ours, our_c, our_m), (ref, ref_c, ref_m) = both(hf_loss_class, class_logits, mask_logits, targets, seed=7)
     torch.testing.assert_close(ours, ref, rtol=TOL, atol=TOL)
     torch.testing.assert_close(our_c, ref_c, rtol=TOL, atol=TOL)
     torch.testing.assert_close(our_m, ref_m, rtol=TOL, atol=TOL)
 
 
-def test_the_comparison_sees_the_points():
+def test_the_comparison_sees_the_points(hf_loss_class):
     """Another seed moves the loss by far more than the tolerance: equal losses above mean equal points."""
     class_logits, mask_logits, targets = case(2, 6, 3, 16, 64)
-    (a, _, _), _ = both(class_logits, mask_logits, targets, seed=7)
-    (b, _, _), _ = both(class_logits, mask_logits, targets, seed=8)
+    (a, _, _), _ = both(hf_loss_class, class_logits, mask_logits, targets, seed=7)
+    (b, _, _), _ = both(hf_loss_class, class_logits, mask_logits, targets, seed=8)
     assert (a - b).abs() > 1e3 * TOL
 
 
-def test_an_image_without_target_masks_draws_its_matching_points_as_hf_does():
+def test_an_image_without_target_masks_draws_its_matching_points_as_hf_does(hf_loss_class):
     """An image whose pixels are all ignored has no target masks; HF still draws its matching points, and so must
     samfit, or every later point differs."""
     class_logits, mask_logits, targets = case(3, 6, 3, 16, 32, seed=3)
     targets[1] = semantic_targets(torch.full((32, 32), 255), 3)
     assert targets[1]["labels"].numel() == 0
-    (ours, _, our_m), (ref, _, ref_m) = both(class_logits, mask_logits, targets, seed=5, num_points=2000)
+    (ours, _, our_m), (ref, _, ref_m) = both(hf_loss_class, class_logits, mask_logits, targets, seed=5,
+                                             num_points=2000)
     torch.testing.assert_close(ours, ref, rtol=TOL, atol=TOL)
     torch.testing.assert_close(our_m, ref_m, rtol=TOL, atol=TOL)
