@@ -60,7 +60,8 @@ def encoder_count(method, model):
     return samfit.count_parameters(net)["encoder_trainable"]
 
 
-@pytest.mark.parametrize("model", list(HIERA))
+@pytest.mark.parametrize("model", [m if m not in ("sam2_hiera_b+", "sam2_hiera_l") else
+                                   pytest.param(m, marks=pytest.mark.slow) for m in HIERA])  # big: ~3-5 s each
 def test_hiera_counts_from_formulas(model):
     for method in samfit.list_methods():
         if method in NOT_ON_HIERA:

@@ -44,10 +44,7 @@ def test_every_model_name_is_a_run_setting(name, printed_config):
     assert printed_config("--model", name, "--image-size", "64")["model"] == name
 
 
-SMALL = ("tiny", "medsam_vit_b", "sam2_tiny", "sam2_hiera_t")
-
-
-@pytest.mark.parametrize("name", [n if n in SMALL else pytest.param(n, marks=pytest.mark.slow) for n in NAMES])
+@pytest.mark.parametrize("name", ["tiny", "medsam_vit_b", "sam2_tiny", "sam2_hiera_t"])  # one of each kind
 def test_methods_lists_every_method_with_counts_or_na(name, cli):
     code, out, message = cli("methods", "--model", name, "--json")
     assert code == 0, message
@@ -114,6 +111,7 @@ def test_table_shows_na_for_a_method_without_a_form_on_a_model():
     assert rows["lora", "sam2_tiny"]["shapes iou_per_image"] != "n/a"
 
 
+@pytest.mark.slow  # two timed configurations: ~5 s on a loaded machine
 def test_bench_runs_on_sam2():
     """`samfit bench --model sam2_tiny`: the same records (no memory subprocess here), ratios to LoRA."""
     from samfit.engine.bench import Shape, run_bench
