@@ -346,7 +346,7 @@ def weights_download(variant: str = typer.Argument(..., help="A model with offic
                                                               "sam2_hiera_t.")):
     """Download a model's official checkpoint, verify its MD5 where one is published, then move it into place."""
     from samfit.download import download_file
-    from samfit.model.backbones import checkpoint_dir, get_backbone, weights_url, where_to_get
+    from samfit.model.backbones import checkpoint_dir, get_backbone, record_download, weights_url, where_to_get
 
     b = get_backbone(variant)
     if not b.has_weights:
@@ -355,6 +355,9 @@ def weights_download(variant: str = typer.Argument(..., help="A model with offic
         raise SamfitError(f"samfit cannot download {variant}'s weights. {where_to_get(variant)}")
     dest = checkpoint_dir() / b.weights.file
     download_file(weights_url(variant), dest, md5=b.weights.md5)
+    if b.weights.md5 is None:  # nothing published to check against: record what was received
+        got = record_download(dest)
+        console.print(f"no published checksum for {dest.name}: {got['size']:,} bytes, sha256 {got['sha256']}")
     console.print(f"[green]saved[/] {dest}")
 
 

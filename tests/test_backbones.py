@@ -1,5 +1,6 @@
 """The backbone registry: every model name builds, counts, validates its input size, resolves and downloads its
 weights through the same commands."""
+import hashlib
 import json
 
 import pytest
@@ -62,6 +63,8 @@ def test_weights_download_for_sam2_and_the_models_without_a_url(server, tmp_path
     code, _, message = cli("weights", "download", "sam2_hiera_t")
     assert code == 0, message
     assert (tmp_path / "ckpt" / "sam2.1_hiera_tiny.pt").read_bytes() == b"sam2 bytes" * 10
+    record = json.loads((tmp_path / "ckpt" / "sam2.1_hiera_tiny.pt.sha256.json").read_text())
+    assert record == {"file": "sam2.1_hiera_tiny.pt", "size": 100, "sha256": hashlib.sha256(b"sam2 bytes" * 10).hexdigest()}
     code, _, message = cli("weights", "download", "medsam_vit_b")
     assert code == 2 and "drive.google.com" in message and "--checkpoint" in message
     code, _, message = cli("weights", "download", "sam2_tiny")

@@ -197,3 +197,9 @@ def test_multiclass_queries_from_the_official_tokens(tiny_pair):
     assert torch.equal(same.mask_decoder.mask_tokens.weight, tokens[[0] * 6])
     mlp = "output_hypernetworks_mlps.0.layers.0.weight"
     assert torch.equal(ours.mask_decoder.state_dict()[mlp], official["sam_mask_decoder." + mlp])
+
+
+def test_a_sam2_file_given_to_sam_says_so(tiny_pair):
+    _, path = tiny_pair
+    with pytest.raises(SamfitError, match=rf"{path} is not a SAM state dict.*It is a SAM 2 checkpoint: pass --model"):
+        samfit.build_model("tiny", image_size=SIZE, checkpoint=path)

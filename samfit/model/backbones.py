@@ -191,3 +191,15 @@ def resolve_checkpoint(model: str, checkpoint: str | Path | None) -> Path:
     if not path.is_file():
         raise SamfitError(f"{model} weights not found at {path}. {where_to_get(model)}")
     return path
+
+
+def record_download(path: Path) -> dict:
+    """For a file with no published checksum (the SAM 2.1 files): its size and SHA-256 at the first download, kept
+    beside it in <file>.sha256.json, to cite in a report and to compare a later copy against."""
+    import json
+
+    from samfit.download import sha256sum
+
+    record = {"file": path.name, "size": path.stat().st_size, "sha256": sha256sum(path)}
+    path.with_name(path.name + ".sha256.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record

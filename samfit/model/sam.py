@@ -155,7 +155,9 @@ def load_sam_state(path: Path, variant: str) -> dict:
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     if not isinstance(state, dict) or "image_encoder.pos_embed" not in state:
-        raise SamfitError(f"Checkpoint {path} is not a SAM state dict (no image_encoder.pos_embed).")
+        sam2 = isinstance(state, dict) and "image_encoder.trunk.patch_embed.proj.weight" in state
+        hint = " It is a SAM 2 checkpoint: pass --model sam2_hiera_t, _s, _b+ or _l." if sam2 else ""
+        raise SamfitError(f"Checkpoint {path} is not a SAM state dict (no image_encoder.pos_embed).{hint}")
     found = guess_variant(state)
     if found != variant:
         raise SamfitError(
