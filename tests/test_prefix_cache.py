@@ -11,6 +11,7 @@ from samfit.config import make_config
 from samfit.engine.cache import build_cache, cache_plan
 from samfit.engine.prefix_cache import EncoderPrefix, prefix_depth
 from samfit.engine.train import run
+from samfit.errors import SamfitError
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 EXACT = dict(batch_size=1, effective_batch=2)  # one image per batch: bitwise on any CPU (tests/test_cache.py)
@@ -96,3 +97,13 @@ def test_narrow_storage_reports_its_rounding(dtype, unit_roundoff):
     assert 0 <= precision["mask_pixels_flipped"] <= 1 and precision["logits_max_abs_change"] >= 0
     embeddings, _, _ = next(cache.batches([0, 1], 1, None))
     assert embeddings.dtype == torch.float32
+
+
+def test_fp16_storage_that_would_overflow_is_refused():
+    model = _tiny(blocks="last:1")
+    plan, _ = cache_plan(model, 64)
+    images = 1e6 * torch.randn(1, 3, 64, 64)  # the prefix then holds values past fp16's 65504
+    dataset = [(images[0], torch.zeros(1, 64, 64), 0)]
+    with pytest.raises(SamfitError, match="overflows"):
+        build_cache(model, dataset, dataset, batch_size=1, eval_batch_size=1, flip=False,
+                    device=torch.device("cpu"), autocast=contextlib.nullcontext, plan=plan, store_dtype=torch.float16)

@@ -219,6 +219,9 @@ def build_cache(model, train_set, val_set, batch_size: int, eval_batch_size: int
         if store_dtype is None or store_dtype == x.dtype:
             return x
         kept = x.to(store_dtype)
+        if not torch.isfinite(kept).all() and torch.isfinite(x).all():
+            raise SamfitError(f"--cache-dtype: a stored value overflows {store_dtype} (largest magnitude "
+                              f"{x.abs().max().item():.4g}); use --cache-dtype bf16 or fp32.")
         rounding.add(x, kept)
         return kept
 
