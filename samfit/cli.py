@@ -283,6 +283,7 @@ def methods(
     from samfit.model.decoder_lora import apply_decoder, normalise_decoder
     from samfit.methods.base import missing_features
     from samfit.model import total_parameters
+    from samfit.model.backbones import get_backbone
 
     sam_total = total_parameters(model)
     decoder = normalise_decoder(decoder)
@@ -312,7 +313,7 @@ def methods(
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
     t = Table(title=f"PEFT methods on {model} ({sam_total:,} parameters), num_classes={num_classes}, "
-                    f"decoder {decoder}")
+                    f"decoder {decoder}", caption=get_backbone(model).blocks)
     for col in ("method", "encoder-side", "trainable", "% of SAM", "hyperparameters", "= SAM at init", "mergeable"):
         t.add_column(col, justify="right" if col in ("encoder-side", "trainable", "% of SAM") else "left")
     for r in rows:

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from samfit.errors import SamfitError, unknown_name
-from samfit.model.sam import PATCH, PIXEL_MEAN, PIXEL_STD, SAM_IMAGE_SIZE, VARIANTS
+from samfit.model.sam import PATCH, PIXEL_MEAN, PIXEL_STD, VARIANTS
+from samfit.model.sam2_configs import HIERA, SIZE_MULTIPLE, stage_widths
 
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/"
 SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/"
@@ -98,8 +99,6 @@ def _sam(name: str, arch: str, weights: Weights | None, normalisation=SAM_NORMAL
 
 
 def _sam2(name: str, weights: Weights | None) -> Backbone:
-    from samfit.model.sam2_configs import HIERA, SIZE_MULTIPLE, stage_widths
-
     h = HIERA[name]
     stages = ", ".join(f"{n}×{w}" for n, w in zip(h.stages, stage_widths(h)))
     blocks = (f"{sum(h.stages)} Hiera blocks in 4 stages (blocks×width {stages}; token grids of stride 4, 8, 16, 32; "
@@ -146,10 +145,6 @@ def check_image_size(model: str, image_size: int) -> None:
         why = "SAM's patch size" if m == PATCH else "what Hiera's windows and strides need"
         raise SamfitError(f"--image-size {image_size} is not a positive multiple of {m} ({why}) for --model "
                           f"{model}. Use e.g. {max(m, round(image_size / m) * m)}, 256, 512 or 1024.")
-
-
-def default_size(model: str) -> int:
-    return get_backbone(model).fixed_size or SAM_IMAGE_SIZE
 
 
 # ---------------------------------------------------------------- checkpoint files
