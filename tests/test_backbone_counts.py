@@ -78,3 +78,13 @@ def test_hiera_widths_as_sam2_builds_them():
 def test_medsam_counts_are_vit_b_counts():
     for method in samfit.list_methods():
         assert encoder_count(method, "medsam_vit_b") == encoder_count(method, "vit_b"), method
+
+
+def test_sam2_decoder_count_is_sams_plus_its_high_resolution_convs():
+    """SAM's cut decoder (3,505,536: test_methods.py) plus the object-score token (256) and the 1×1 convs that
+    project the stride-4 (256→32) and stride-8 (256→64) features: the same TwoWayTransformer, upscaling, IoU and
+    mask tokens and MLP 0."""
+    with torch.device("meta"):
+        model = samfit.build_model("sam2_hiera_t", image_size=256)
+    expected = 3_505_536 + 256 + (256 * 32 + 32) + (256 * 64 + 64)
+    assert samfit.count_parameters(model)["decoder_trainable"] == expected == 3_530_464
