@@ -203,3 +203,26 @@ def test_a_sam2_file_given_to_sam_says_so(tiny_pair):
     _, path = tiny_pair
     with pytest.raises(SamfitError, match=rf"{path} is not a SAM state dict.*It is a SAM 2 checkpoint: pass --model"):
         samfit.build_model("tiny", image_size=SIZE, checkpoint=path)
+
+
+@pytest.mark.slow  # a whole (tiny) run: ~10 s
+def test_a_sam2_run_and_its_reload(tmp_path, data_root):
+    """samfit run on sam2_tiny end to end (the engine names no backbone): counts, no SAM file, no embedding cache
+    (Hiera is not SAM's encoder), per-image scores written, and load_run rebuilds a SAM 2 segmenter."""
+    import csv
+    import json
+
+    from samfit.config import make_config
+    from samfit.engine.train import run
+
+    folder = run(make_config(method="lora", dataset="shapes", model="sam2_tiny", image_size=64, epochs=1,
+                             limit_train=4, limit_eval=2, out=str(tmp_path / "runs"), data_root=str(data_root),
+                             device="cpu"), quiet=True)
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["model"] == "sam2_tiny" and metrics["params"]["trainable"] == 3_530_464 + 3_312  # LoRA's
+    assert metrics["params"]["sam_total"] == 4_580_417 and metrics["sam_checkpoint"] is None
+    assert metrics["embedding_cache"]["enabled"] is False
+    model = samfit.load_run(folder)
+    assert type(model).__name__ == "SAM2Segmenter" and model.image_size == 64
+    rows = [r for r in csv.DictReader((folder / "per_image.csv").open())]
+    assert len(rows) == 2 and all(0 <= float(r["iou_per_image"]) <= 1 for r in rows)
