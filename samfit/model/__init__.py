@@ -36,7 +36,8 @@ def _decoder_state(state: dict, num_queries: int, binary: bool, head: str = "sam
 
 def build_model(variant: str, num_classes: int = 1, image_size: int | None = None, checkpoint=None,
                 num_queries: int | None = None, head: str = "samfit") -> Segmenter:
-    """Build a prompt-free SAM Segmenter.
+    """Build the prompt-free segmenter of any backbone (`variant` a model name of samfit/model/backbones.py:
+    SAM, MedSAM, SAM 2).
 
     With no checkpoint the weights are random (for counting parameters and tests). `checkpoint` is a path
     to an official SAM state dict; position tables are interpolated to `image_size`. `head` (multi-class only):

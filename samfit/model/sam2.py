@@ -29,7 +29,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from samfit.errors import SamfitError
-from samfit.model.sam2_configs import HIERA, NECK_DIM, SIZE_MULTIPLE, stage_widths
+from samfit.model.sam2_configs import HIERA, NECK_DIM, SAM2_IMAGE_SIZE, SIZE_MULTIPLE, stage_widths
 from samfit.model.segmenter import Segmenter, dense_positional_encoding, semantic_inference
 
 
@@ -183,7 +183,7 @@ def build_sam2_model(name: str, num_classes: int = 1, image_size: int | None = N
     """A prompt-free SAM 2 segmenter; random weights without `checkpoint` (an official-format SAM 2.1 file)."""
     from samfit.model.sam2_load import load_sam2_weights
 
-    image_size = image_size or HIERA[name].fixed_size or 1024
+    image_size = image_size or HIERA[name].fixed_size or SAM2_IMAGE_SIZE
     binary = num_classes == 1
     queries = 1 if binary else (num_queries or 2 * num_classes)
     encoder, prompt, decoder = build_sam2_parts(name, image_size, queries)
