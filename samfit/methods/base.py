@@ -123,7 +123,8 @@ def check_applies(method: Method, model: str) -> None:
         raise NotApplicable(
             f"Method '{method.name}' has no faithful form on --model {model}: it needs "
             f"{'; '.join(FEATURES[f] for f in missing)}, which {model}'s encoder does not have. It runs on "
-            f"{', '.join(ok)}; see `samfit methods --model {model}` for the methods that apply.")
+            f"{', '.join(ok)}; see `samfit methods --model {model}` for the methods that apply (in a grid file, "
+            f"leave the pair out with exclude: [{{method: {method.name}, model: {model}}}]).")
 
 
 def _coerce(method: str, key: str, value, kind, config: type):
