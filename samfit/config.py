@@ -191,11 +191,13 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def method_label(method: str, method_args: dict) -> str:
+def method_label(method: str, method_args: dict, decoder: str | None = None) -> str:
     """The method as run names and tables show it: with its placement when that is not every block
-    (`lora@last:3`)."""
+    (`lora@last:3`) and, given `decoder`, the decoder's share when that is not the full decoder
+    (`lora@last:3 (decoder lora:4)`; run names carry it as a suffix instead, see RunConfig.run_name)."""
     blocks = (method_args or {}).get("blocks", "all")
-    return method if blocks == "all" else f"{method}@{blocks}"
+    label = method if blocks == "all" else f"{method}@{blocks}"
+    return label if decoder in (None, "full") else f"{label} (decoder {decoder})"
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}

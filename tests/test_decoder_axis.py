@@ -149,3 +149,11 @@ def test_a_grid_axis_over_the_decoder(tmp_path):
     grid = load_grid(path, out=str(tmp_path / "out"))
     assert [r.decoder for r in grid.runs] == ["full", "frozen", "lora:4"]
     assert len({r.name for r in grid.runs}) == 3
+
+
+def test_the_method_label_names_a_decoder_that_is_not_the_full_one():
+    from samfit.config import method_label
+
+    assert method_label("lora", {"blocks": "last:3"}, "lora:4") == "lora@last:3 (decoder lora:4)"
+    assert method_label("lora", {}, "full") == method_label("lora", {}) == "lora"
+    assert method_label("dora", {}, "frozen") == "dora (decoder frozen)"
