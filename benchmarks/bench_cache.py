@@ -1,4 +1,5 @@
-"""Decoder-only training with and without the embedding cache, through `samfit run` (the real engine path).
+"""Training with and without the cache, through `samfit run` (the real engine path): decoder-only's embedding
+cache by default, the prefix cache with a late placement (`--method lora --blocks last:3`).
 
 SAM's weights do not change the cost of a step, so a randomly initialised SAM checkpoint (written once into
 --out) stands in for the official file. Both runs use the same settings; the script reports every epoch's
@@ -6,6 +7,7 @@ wall time (history.csv), the cache's build time and size (metrics.json), the spe
 the first (median uncached / median cached), and whether the two runs ended with the same scores.
 
     python benchmarks/bench_cache.py --out results/perf/cache --threads 1
+    python benchmarks/bench_cache.py --out results/perf/prefix --method lora --blocks last:3 --threads 1
 """
 from __future__ import annotations
 
@@ -42,6 +44,8 @@ def main() -> None:
     ap.add_argument("--limit-eval", type=int, default=8)
     ap.add_argument("--dataset", default="shapes")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--method", default="decoder-only")
+    ap.add_argument("--blocks", default=None, help="placement, e.g. last:3 (the prefix cache)")
     args = ap.parse_args()
 
     out = Path(args.out)
@@ -51,7 +55,8 @@ def main() -> None:
         env["OMP_NUM_THREADS"] = str(args.threads)
     runs = {}
     for cache in ("off", "on"):
-        cmd = [sys.executable, "-m", "samfit", "run", "--method", "decoder-only", "--model", args.model,
+        placement = ["--method-arg", f"blocks={args.blocks}"] if args.blocks else []
+        cmd = [sys.executable, "-m", "samfit", "run", "--method", args.method, *placement, "--model", args.model,
                "--checkpoint", str(checkpoint), "--dataset", args.dataset, "--image-size", str(args.image_size),
                "--epochs", str(args.epochs), "--limit-train", str(args.limit_train), "--limit-eval",
                str(args.limit_eval), "--batch-size", str(args.batch), "--effective-batch", str(2 * args.batch),
@@ -64,7 +69,7 @@ def main() -> None:
     off, on = runs["off"]["epochs"], runs["on"]["epochs"]
     report = runs["on"]["metrics"]["embedding_cache"]
     result = {
-        "model": args.model, "image_size": args.image_size, "batch": args.batch, "dataset": args.dataset,
+        "method": args.method, "blocks": args.blocks, "model": args.model, "image_size": args.image_size, "batch": args.batch, "dataset": args.dataset,
         "train_images": args.limit_train, "val_images": args.limit_eval, "threads": args.threads,
         "uncached_epoch_s": off, "cached_epoch_s": on, "cache": report,
         "speedup_after_first": statistics.median(off[1:]) / statistics.median(on[1:]),
