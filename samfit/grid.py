@@ -47,7 +47,7 @@ from samfit.errors import SamfitError, closest
 
 TOP_KEYS = ("name", "description", "out", "defaults", "axes", "overrides", "exclude", "select")
 NAMED_AXES = ("dataset", "method", "model", "image_size", "seed", "method_args.blocks",  # in RunConfig.run_name()
-              "train_fraction")
+              "train_fraction", "protocol", "decoder")
 METHOD_ARG = "method_args."  # an axis over one method argument, e.g. `method_args.blocks: [all, "last:3"]`
 RESERVED = ("name", "out")  # set by the grid itself
 IGNORED_IN_COMPARISON = ("out",)  # a run folder is identified by where it is, not by the path used to reach it

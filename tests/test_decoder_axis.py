@@ -131,6 +131,10 @@ def test_runs_record_the_choice_and_load_run_and_the_adapter_serve_them(tmp_path
     assert frozen_dir.name.endswith("_dec-frozen") and frozen["params"]["decoder_trainable"] == 0
     assert not any(k.startswith("mask_decoder.") for k in torch.load(frozen_dir / "checkpoints" / "best.pt",
                                                                          weights_only=True))
+    from samfit.report.collect import collect_runs
+
+    labels = set(collect_runs(tmp_path / "runs")["method"])  # the table keeps the decoder choices apart
+    assert labels == {"lora (decoder lora:2)", "lora (decoder frozen)"}
 
 
 def test_the_embedding_cache_serves_a_lora_decoder_exactly(tmp_path, data_root):

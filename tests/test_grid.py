@@ -293,3 +293,14 @@ def test_an_axis_over_a_method_argument_places_the_method(tmp_path):
     grid.write_text("axes:\n  method: [lora]\n  method_args.blocks: ['last:x']\n")
     with pytest.raises(SamfitError, match="last:x"):
         load_grid(grid, out=str(tmp_path / "out"))
+
+
+def test_axes_the_run_name_already_carries_are_not_repeated(tmp_path):
+    """protocol, decoder and train_fraction are in RunConfig.run_name(): a grid axis over them adds no second
+    suffix, and the runs still get distinct folders."""
+    grid = tmp_path / "named.yaml"
+    grid.write_text("defaults: {model: tiny, image_size: 64, method: lora}\n"
+                    "axes:\n  decoder: [full, frozen]\n  protocol: [samfit, official]\n")
+    names = [r.name for r in load_grid(grid, out=str(tmp_path / "out")).runs]
+    assert names == ["shapes_lora_tiny_64_s0", "shapes_lora_tiny_64_s0_official",
+                     "shapes_lora_tiny_64_s0_dec-frozen", "shapes_lora_tiny_64_s0_dec-frozen_official"]

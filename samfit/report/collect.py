@@ -29,7 +29,8 @@ def collect_runs(root: str | Path) -> pd.DataFrame:
         except (json.JSONDecodeError, OSError) as exc:
             raise SamfitError(f"Unreadable results file {path}: {exc}. Delete it or re-run that run.") from None
         for split, scores in m["scores"].items():
-            row = {"run": str(path.parent.relative_to(root)) or ".", "method": method_label(m["method"], m.get("method_args")),
+            row = {"run": str(path.parent.relative_to(root)) or ".",
+                   "method": method_label(m["method"], m.get("method_args"), m.get("decoder")),
                    "dataset": fraction_label(m["dataset"], m.get("train_fraction", 1.0)),
                    "test_set": split, "model": protocol_label(m["model"], m.get("protocol", "samfit")),
                    "protocol": m.get("protocol", "samfit"), "image_size": m["image_size"], "seed": m["seed"],
