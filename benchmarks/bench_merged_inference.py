@@ -22,15 +22,8 @@ from pathlib import Path
 
 import torch
 
+from random_sam import random_checkpoint  # benchmarks/random_sam.py (scripts run from their folder)
 
-def random_checkpoint(path: Path, variant: str) -> Path:
-    if not path.is_file():
-        from segment_anything import sam_model_registry
-
-        torch.manual_seed(0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(sam_model_registry[variant]().state_dict(), path)
-    return path
 
 
 def train(method: str, args, checkpoint: Path) -> Path:

@@ -20,20 +20,8 @@ import cv2
 import numpy as np
 import torch
 
+from random_sam import random_checkpoint  # benchmarks/random_sam.py (scripts run from their folder)
 
-def random_checkpoint(path: Path) -> Path:
-    """SAM ViT-B at random, its position tables drawn too (SAM starts them at zero), saved in the official layout."""
-    from segment_anything import sam_model_registry
-
-    torch.manual_seed(0)
-    state = sam_model_registry["vit_b"]().state_dict()
-    with torch.no_grad():
-        for key, value in state.items():
-            if key == "image_encoder.pos_embed" or ".rel_pos_" in key:
-                value.normal_(0, 0.02)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    return path
 
 
 def train(method: str, out: Path, checkpoint: Path) -> Path:
@@ -85,7 +73,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    checkpoint = random_checkpoint(out / "sam_vit_b_random.pth")
+    checkpoint = random_checkpoint(out / "sam_vit_b_random.pth", "vit_b", draw_positions=True)
     results = []
     for method in args.methods.split(","):
         results.append(check(method, train(method, out, checkpoint), out, checkpoint))

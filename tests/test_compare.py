@@ -2,7 +2,6 @@
 behaviour on simulated scores (coverage, power, false rejections), bad input, and two real tiny runs."""
 import itertools
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -219,17 +218,10 @@ def real_runs(tmp_path_factory):
     from samfit.engine.train import run
 
     root = tmp_path_factory.mktemp("real")
-    previous = os.environ.get("SAMFIT_DATA")
-    os.environ["SAMFIT_DATA"] = str(root / "data")
-    try:
-        for method, seed in itertools.product(("lora", "decoder-only"), (0, 1)):
-            run(make_config(None, method=method, dataset="shapes", model="tiny", device="cpu", image_size=64,
-                            epochs=1, limit_train=8, limit_eval=8, seed=seed, out=str(root / "runs")), quiet=True)
-    finally:
-        if previous is None:
-            os.environ.pop("SAMFIT_DATA")
-        else:
-            os.environ["SAMFIT_DATA"] = previous
+    for method, seed in itertools.product(("lora", "decoder-only"), (0, 1)):
+        run(make_config(None, method=method, dataset="shapes", model="tiny", device="cpu", image_size=64, epochs=1,
+                        limit_train=8, limit_eval=8, seed=seed, out=str(root / "runs"), data_root=str(root / "data")),
+            quiet=True)
     return root / "runs"
 
 

@@ -3,7 +3,6 @@ through `samfit compare` (verdicts, areas under the fraction curve, ranks, the C
 --baseline`, `samfit plot` and `samfit report`, the page rendered by headless chromium when there is one."""
 import itertools
 import json
-import os
 
 import numpy as np
 import pytest
@@ -25,19 +24,14 @@ def grid(tmp_path_factory):
     from samfit.engine.train import run
 
     root = tmp_path_factory.mktemp("smoke")
-    previous, threads = os.environ.get("SAMFIT_DATA"), torch.get_num_threads()
-    os.environ["SAMFIT_DATA"] = str(root / "data")
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for method, seed, fraction in itertools.product(METHODS, (0, 1), (0.5, 1.0)):
             run(make_config(None, method=method, seed=seed, train_fraction=fraction, out=str(root / "runs"),
-                            **GRID), quiet=True)
+                            data_root=str(root / "data"), **GRID), quiet=True)
     finally:
         torch.set_num_threads(threads)
-        if previous is None:
-            os.environ.pop("SAMFIT_DATA")
-        else:
-            os.environ["SAMFIT_DATA"] = previous
     return root / "runs"
 
 
