@@ -201,7 +201,7 @@ def bench(
     methods: str = typer.Option("all", help="Comma-separated methods (a placement as lora@last:3), 'all', or "
                                             "'none' (with --data)."),
     model: str = typer.Option("vit_b", help=f"{MODELS} (random weights: speed and memory do not depend on them)."),
-    image_size: int = typer.Option(256, help="Input size, a multiple of 16."),
+    image_size: int = typer.Option(256, help="Input size: a multiple of 16 (SAM) or 32 (SAM 2)."),
     batch: int = typer.Option(2, help="Images per forward pass."),
     effective_batch: Optional[int] = typer.Option(None, help="Images per optimiser step (accumulation; default: "
                                                              "--batch). A timed step is one optimiser step."),

@@ -79,7 +79,8 @@ class RunConfig:
                          choices=_model_names)
     checkpoint: str | None = setting(None, "SAM checkpoint file (default: the official file in "
                                            "$SAMFIT_CHECKPOINTS).")
-    image_size: int | None = setting(None, "Input size, a multiple of 16 (default: the dataset's; tiny: 128).",
+    image_size: int | None = setting(None, "Input size, a multiple of 16 (SAM) or 32 (SAM 2) (default: the "
+                                                   "dataset's; tiny: 128).",
                                      positive=True)
     epochs: int | None = setting(None, "Epochs (default: the dataset's).", positive=True)
     lr: float | None = setting(None, "Peak learning rate (default: the dataset's).", positive=True)
