@@ -160,9 +160,11 @@ class RunConfig:
         method = get_method(self.method, **self.method_args)  # the method's own Config checks its arguments
         check_applies(method, self.model)  # a method with no faithful form on the backbone: before any work
         self.method_args = {k: _plain(getattr(method.config, k)) for k in self.method_args}  # typed, not text
-        from samfit.model.decoder_lora import normalise_decoder
+        from samfit.model.decoder_lora import normalise_decoder, nothing_would_train
 
         self.decoder = normalise_decoder(self.decoder)
+        if self.decoder == "frozen" and not method.encoder_side:  # caught before any work (grid --dry-run too)
+            raise nothing_would_train(self.decoder, self.method)
         if self.train_fraction > 1:
             raise SamfitError(f"--train-fraction {self.train_fraction}: must be in (0, 1].")
         if self.effective_batch % self.batch_size:

@@ -9,7 +9,7 @@ from segment_anything.modeling.transformer import Attention
 
 import samfit
 from samfit.config import RunConfig, make_config
-from samfit.engine.train import build_model_for, run
+from samfit.engine.train import run
 from samfit.errors import SamfitError
 from samfit.grid import load_grid
 from samfit.methods.lora import LoRALinear
@@ -73,9 +73,17 @@ def test_bad_decoder_values_are_clear_errors(value, message):
         RunConfig(decoder=value)
 
 
-def test_a_frozen_decoder_with_no_encoder_parts_is_an_error():
-    with pytest.raises(SamfitError, match="nothing would train"):
-        build_model_for(RunConfig(method="decoder-only", decoder="frozen", image_size=64), 1, torch.device("cpu"))
+def test_a_frozen_decoder_with_no_encoder_parts_is_an_error_before_any_work(tmp_path):
+    with pytest.raises(SamfitError, match="--decoder frozen with method 'decoder-only': nothing would train"):
+        RunConfig(method="decoder-only", decoder="frozen", image_size=64)
+    path = tmp_path / "grid.yaml"  # a grid names the run when it is read, so `grid --dry-run` catches it too
+    path.write_text(yaml.safe_dump({"defaults": {"model": "tiny", "dataset": "shapes", "decoder": "frozen"},
+                                    "axes": {"method": ["lora", "decoder-only"]}}))
+    with pytest.raises(SamfitError, match=r"run \(method=decoder-only\).*nothing would train"):
+        load_grid(path, out=str(tmp_path / "out"))
+    net = samfit.get_method("decoder-only").apply(samfit.build_model("tiny", image_size=64))
+    with pytest.raises(SamfitError, match="nothing would train"):  # the model-level check stays as a safety net
+        apply_decoder(net, "frozen")
 
 
 def test_lora_wraps_every_decoder_attention_projection_and_is_sam_at_init():

@@ -39,6 +39,7 @@ class Method:
     Config: ClassVar[type] = NoConfig
     identical_at_init: ClassVar[bool] = False  # model output equals plain SAM's before training
     mergeable: ClassVar[bool] = False  # can be folded into SAM's weights after training
+    encoder_side: ClassVar[bool] = True  # trains something in the encoder (False: nothing left with a frozen decoder)
     unfreezes: ClassVar[tuple[str, ...]] = ()  # fnmatch patterns of SAM's own encoder weights made trainable
     # what the backbone's encoder must offer (samfit/model/backbones.py FEATURES); without it, no faithful form
     requires: ClassVar[frozenset[str]] = frozenset()

@@ -9,6 +9,7 @@ class DecoderOnly(Method):
     summary = "train only the mask decoder"
     identical_at_init = True
     mergeable = True
+    encoder_side = False
 
     def merge(self, model):
         """Nothing to fold: the encoder is plain SAM."""

@@ -57,6 +57,13 @@ def parse_decoder(value) -> tuple[str, int | None]:
     raise SamfitError(f"--decoder {value!r}: choose {DECODER_FORMS}.")
 
 
+def nothing_would_train(decoder: str, method: str) -> SamfitError:
+    """The error for a frozen decoder beside a method with no encoder-side parts."""
+    return SamfitError(f"--decoder {decoder} with method '{method}': nothing would train (the method has no "
+                       f"encoder-side parts and the decoder is frozen). Use --decoder full or lora:R, or a "
+                       f"method with encoder-side parts (see `samfit methods`).")
+
+
 def normalise_decoder(value) -> str:
     kind, rank = parse_decoder(value)
     return kind if rank is None else f"lora:{rank}"
@@ -100,9 +107,6 @@ def apply_decoder(model: nn.Module, value: str) -> nn.Module:
         part.requires_grad_(True)
     outside = any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("mask_decoder."))
     if kind == "frozen" and not outside:
-        method = getattr(model, "method_name", "this method")
-        raise SamfitError(f"--decoder {value} with method '{method}': nothing would train (the method has no "
-                          f"encoder-side parts and the decoder is frozen). Use --decoder full or lora:R, or a "
-                          f"method with encoder-side parts (see `samfit methods`).")
+        raise nothing_would_train(value, getattr(model, "method_name", "this method"))
     return model
 
