@@ -80,10 +80,18 @@ def _trainable(folder: Path) -> dict:
     return torch.load(folder / "checkpoints" / "last.pt", weights_only=True)["trainable"]
 
 
-@pytest.mark.slow  # two runs, one of them under torchrun: ~30 s
-def test_two_processes_equal_one_process(tmp_path, data_root):
-    one = run(make_config(**SETTINGS, out=str(tmp_path), name="one"), quiet=True)
-    args = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()]
+# LoRA on the last block only: blocks 0..n-2 are frozen plain SAM, so both runs train from the prefix cache
+# (each rank stores every training image's prefix and reads its own shard of each batch).
+CACHES = {"uncached": ({}, []), "prefix-cached": ({"method_args": {"blocks": "last:1"}}, ["--method-arg",
+                                                                                         "blocks=last:1"])}
+
+
+@pytest.mark.slow  # two runs, one of them under torchrun: ~30 s each
+@pytest.mark.parametrize("cache", list(CACHES))
+def test_two_processes_equal_one_process(tmp_path, data_root, cache):
+    settings, extra_args = CACHES[cache]
+    one = run(make_config(**SETTINGS, **settings, out=str(tmp_path), name="one"), quiet=True)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in SETTINGS.items()] + extra_args
     env = dict(os.environ, SAMFIT_DATA=str(data_root), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "samfit", "run", *args, f"--out={tmp_path}", "--name=two",
                            "--nproc", "2"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
@@ -91,6 +99,8 @@ def test_two_processes_equal_one_process(tmp_path, data_root):
     two = tmp_path / "two"
     m1, m2 = (json.loads((f / "metrics.json").read_text()) for f in (one, two))
     assert m2["processes"] == 2 and m1["processes"] == 1
+    kinds = [(m.get("embedding_cache") or {}).get("kind") for m in (m1, m2)]
+    assert kinds == ([None, None] if cache == "uncached" else ["prefix", "prefix"]), kinds
     for split, scores in m1["scores"].items():
         for key, value in scores.items():
             tolerance = BER_TOLERANCE if key == "ber" else SCORE_TOLERANCE
