@@ -1,7 +1,8 @@
 """Export a trained run for other tools.
 
-`--format sam` (mergeable methods, binary runs of vit_b/l/h): a state dict with exactly the keys and shapes of the
-official sam_vit_*.pth, so `segment_anything.sam_model_registry[variant](checkpoint=FILE)` loads it strictly:
+`--format sam` (mergeable methods, binary runs of vit_b/l/h and MedSAM; SAM 2 below): a state dict with exactly
+the keys and shapes of the official sam_vit_*.pth, so `segment_anything.sam_model_registry[variant](checkpoint=
+FILE)` loads it strictly:
 - image encoder: the method merged into SAM's weights (`Method.merge`); the absolute position embedding and the
   relative-position tables are the source checkpoint's, at their original 1024 px sizes (the run used copies
   interpolated to its input size; no mergeable method trains them);
@@ -9,6 +10,8 @@ official sam_vit_*.pth, so `segment_anything.sam_model_registry[variant](checkpo
   token, mask token 0 and hypernetwork MLP 0; SAM's other mask tokens, MLPs 1-3 and the IoU head, which the cut
   decoder does not have, as in the source checkpoint;
 - prompt encoder: the source checkpoint's (frozen in every run).
+SAM 2 runs (sam2_hiera_*): the source SAM 2.1 file, {"model": state} in SAM2Base's layout, with the trained values
+written back (samfit/use/export_sam2.py), so `sam2.build_sam.build_sam2(config, ckpt_path=FILE)` loads it.
 
 `--format adapter` (every method): a safetensors file of the trained parameters only (checkpoints/best.pt), with
 the method, its settings, the run's settings and the SAM checkpoint's MD5 and path in its metadata;
@@ -46,7 +49,8 @@ def decoder_value(name: str, source: torch.Tensor, trained: dict) -> torch.Tenso
 
 
 def sam_state(run_dir, out: Path | None = None) -> tuple[dict, str]:
-    """(the official-layout state dict, the variant) of a run; `out` must not be the SAM checkpoint it used."""
+    """(the official-layout state dict, the model name) of a run; `out` must not be the checkpoint it used. SAM 2:
+    SAM2Base's state dict (samfit/use/export_sam2.py), which the file holds as {"model": state}."""
     from samfit.methods import get_method
     from samfit.model.backbones import get_backbone
     from samfit.model.sam import load_sam_state
@@ -60,10 +64,11 @@ def sam_state(run_dir, out: Path | None = None) -> tuple[dict, str]:
             f"Run {record.folder} trained method '{cfg.method}', which cannot be merged into SAM's weights, so it "
             f"has no plain SAM checkpoint. Export its trained parameters with `samfit export {record.folder} "
             f"--format adapter --out FILE.safetensors`, or use the run folder itself (samfit predict).")
-    if not get_backbone(cfg.model).has_weights or get_backbone(cfg.model).family != "sam":
+    backbone = get_backbone(cfg.model)
+    if not backbone.has_weights:
         raise SamfitError(f"Run {record.folder} used model '{cfg.model}', which has no official SAM checkpoint "
-                          f"layout to export to. --format sam needs a vit_b, vit_l or vit_h run; --format adapter "
-                          f"works for any run.")
+                          f"layout to export to. --format sam needs a vit_b, vit_l, vit_h, medsam_vit_b or "
+                          f"sam2_hiera_* run; --format adapter works for any run.")
     if record.num_classes > 1:
         raise SamfitError(f"Run {record.folder} has a mask-classification head ({record.num_classes} classes), "
                           f"which SAM's decoder has no place for. Use --format adapter.")
@@ -71,7 +76,11 @@ def sam_state(run_dir, out: Path | None = None) -> tuple[dict, str]:
     if out is not None and out.exists() and out.resolve() == path.resolve():
         raise SamfitError(f"--out {out} is the SAM checkpoint run {record.folder} was trained from; choose another "
                           f"file.")
-    source = load_sam_state(path, get_backbone(cfg.model).architecture)  # MedSAM: a vit_b file
+    if backbone.family == "sam2":
+        from samfit.use.export_sam2 import sam2_state
+
+        return sam2_state(record, path), cfg.model
+    source = load_sam_state(path, backbone.architecture)  # MedSAM: a vit_b file
     model = load_run(record.folder, device="cpu", merge=True)  # the method (and a decoder LoRA) folded in
     trained = model.state_dict()
     out = {}
@@ -113,6 +122,7 @@ def export_run(run_dir, out: str | Path, fmt: str = "sam") -> Path:
     """Write the run in `fmt` to `out` atomically; returns the path."""
     from samfit.engine.rundir import save_torch
     from samfit.engine.rundir import write_bytes
+    from samfit.model.backbones import get_backbone
 
     if fmt not in FORMATS:
         raise SamfitError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}.")
@@ -121,7 +131,8 @@ def export_run(run_dir, out: str | Path, fmt: str = "sam") -> Path:
         example = out / ("sam_export.pth" if fmt == "sam" else "adapter.safetensors")
         raise SamfitError(f"--out {out} is a folder; give a file name, e.g. {example}.")
     if fmt == "sam":
-        save_torch(out, sam_state(run_dir, out)[0])
+        state, model = sam_state(run_dir, out)
+        save_torch(out, {"model": state} if get_backbone(model).family == "sam2" else state)
         return out
     try:
         from safetensors.torch import save
