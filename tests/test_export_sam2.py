@@ -23,7 +23,8 @@ CONFIG = "configs/sam2.1/sam2.1_hiera_t.yaml"
 RUNS = {"lora": ("lora", "full"), "ssf-declora": ("ssf", "lora:4"), "adapter": ("adapter", "full"),
         "multiclass": ("lora", "full")}
 # the merged weights are rounded to float32 in the file (relative eps/2 each); everything else runs in float64 but
-# for FpnNeck's float32 upsampling, the same on both sides; measured: at most 0.7 eps relative to the largest value
+# for FpnNeck's float32 upsampling, the same on both sides; measured: at most 0.81 eps relative to the largest
+# value; an export without the merge, or without the decoder's transformer, is off by more than 390,000 eps
 TOLERANCE = 64 * torch.finfo(torch.float32).eps
 
 
@@ -65,7 +66,7 @@ def relative(got, expected) -> float:
     return ((got - expected).abs().max() / expected.abs().max()).item()
 
 
-@pytest.mark.slow  # a hiera_t run, an export of its 149 MB checkpoint, two sam2 builds: ~12 s
+@pytest.mark.slow  # a hiera_t run, exports of its 149 MB checkpoint, two sam2 builds: 6-12 s
 @pytest.mark.parametrize("name", ["lora", "ssf-declora"])
 def test_exported_sam2_run_is_an_official_checkpoint_computing_the_run(name, hiera_t, tmp_path, cli):
     runs, checkpoint = hiera_t
@@ -125,6 +126,13 @@ def test_exported_sam2_run_is_an_official_checkpoint_computing_the_run(name, hie
         assert got.shape == expected.shape and relative(got, expected) <= TOLERANCE
     official.float()
     predictor_checks(out)
+    if name == "lora":  # the run's adapter file exports to the same file
+        code, _, message = cli("export", folder, "--format", "adapter", "--out", tmp_path / "lora.safetensors")
+        assert code == 0, message
+        code, _, message = cli("export", tmp_path / "lora.safetensors", "--format", "sam", "--out", tmp_path / "a.pt")
+        assert code == 0, message
+        again = torch.load(tmp_path / "a.pt", weights_only=True)["model"]
+        assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
 
 
 def predictor_checks(path):
@@ -147,7 +155,8 @@ def test_sam2_refusals(hiera_t, tmp_path, cli):
     assert code == 2 and "trained method 'adapter', which cannot be merged" in message
     assert "--format adapter" in message and not (tmp_path / "a.pt").exists()
     code, _, message = cli("export", runs["multiclass"], "--format", "sam", "--out", tmp_path / "m.pt")
-    assert code == 2 and re.search(r"mask-classification head \(\d+ classes\)", message) and "--format adapter" in message
+    assert code == 2 and re.search(r"mask-classification head \(\d+ classes\)", message)
+    assert "--format adapter" in message
     code, _, message = cli("export", runs["lora"], "--format", "sam", "--out", checkpoint)
     assert code == 2 and "is the SAM checkpoint" in message
     tiny = run(make_config(method="lora", dataset="shapes", model="sam2_tiny", image_size=SIZE, epochs=1,

@@ -85,11 +85,13 @@ def evaluate(
 
 def export(
     run: Path = typer.Argument(..., help="A finished run folder."),
-    out: Path = typer.Option(..., "--out", help="The file to write (.pth for sam, .safetensors for adapter)."),
+    out: Path = typer.Option(..., "--out", help="The file to write (.pth/.pt for sam, .safetensors for adapter)."),
     fmt: str = typer.Option("sam", "--format", help="sam: a plain SAM checkpoint, the method merged (mergeable "
-                                                    "methods) | adapter: the trained parameters only (safetensors)."),
+                                                    "methods; a SAM 2 run: its SAM 2.1 file for sam2's build_sam2) "
+                                                    "| adapter: the trained parameters only (safetensors)."),
 ):
-    """Export a run: a checkpoint segment_anything loads as official SAM weights, or the trained parameters."""
+    """Export a run: a checkpoint segment_anything (SAM 2 runs: sam2) loads as official weights, or the trained
+    parameters."""
     from samfit.use.export import export_run
 
     path = export_run(run, out, fmt)
