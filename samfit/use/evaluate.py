@@ -33,7 +33,7 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
     from samfit.engine.evaluate import make_evaluator, per_image_rows, predict_batches, score_at
     from samfit.engine.step import autocast_for, pick_device, resolve_precision
     from samfit.use.load import load_run, read_run
-    from samfit.use.promptable import DECODERS, PROMPTS, evaluate_prompts
+    from samfit.use.promptable import PROMPTS, evaluate_prompts
 
     run_dir = Path(run_dir).expanduser()
     if run_dir.is_file():
@@ -66,12 +66,12 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
     if limit is not None and limit < 1:
         raise SamfitError(f"--limit {limit}: must be >= 1.")
     cfg = dataclasses.replace(record.config, batch_size=batch_size or record.config.batch_size, num_workers=0)
-    scores, rows, counts = {}, [], {}
+    scores, rows, counts, meta = {}, [], {}, {}
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console or Console(stderr=True), transient=True,
                   disable=console is None) as progress:
         if prompts:
-            scores, rows, counts = evaluate_prompts(record, spec, folder, splits, device, limit, progress)
+            scores, rows, counts, meta = evaluate_prompts(record, spec, folder, splits, device, limit, progress)
             spec = dataclasses.replace(spec, headline="iou", lower_is_better=False)
         else:
             dev = next(model.parameters()).device
@@ -114,7 +114,7 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
         "image_size": 1024 if prompts else cfg.image_size, "device": str(dev),
         "precision": "fp32" if prompts else resolve_precision(precision, dev),
         "merged": _mergeable(record.config) if prompts else model.merged,  # folded into SAM's weights first
-        **({"decoders": DECODERS} if prompts else {}),
+        **meta,  # --prompts: the pipeline (SamPredictor or MedSAM_Inference) and each column's decoder
         "per_image": out.with_name(f"{name}_images.csv").name})
     return out
 
@@ -135,7 +135,8 @@ def headline_line(path: Path) -> str:
     line = f"{head['metric']} on {head['split']} = {value:.4f}" if isinstance(value, float) else str(head)
     if result.get("prompts"):  # say which decoder each number went through
         scores = result["scores"][head["split"]]
-        line += (f" (adapted encoder, SAM's original decoder); plain SAM {scores['sam_iou']:.4f} "
+        sam = "MedSAM" if result.get("pipeline") == "MedSAM_Inference" else "SAM"
+        line += (f" (adapted encoder, {sam}'s original decoder); plain {sam} {scores['sam_iou']:.4f} "
                  f"(change {scores['iou_change']:+.4f}); adapted encoder with the run's trained decoder parts "
                  f"(the exported checkpoint) {scores['tuned_iou']:.4f}")
     return line

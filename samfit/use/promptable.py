@@ -8,7 +8,11 @@ component of the ground truth (cv2.connectedComponentsWithStats, 8-connectivity;
 inclusive pixel extent, XYXY), one mask per box (multimask_output=False), the image's prediction the union of its
 masks. Scores per split: per-image IoU and Dice averaged over the images with foreground, for the adapted
 encoder (`iou`, `dice`), for SAM's (`sam_iou`, `sam_dice`) and their differences (`iou_change`, `dice_change`: the
-gain, or forgetting when negative, that fine-tuning caused). Binary runs of vit_b/l/h only.
+gain, or forgetting when negative, that fine-tuning caused). Binary runs of vit_b/l/h and medsam_vit_b only.
+
+MedSAM runs are prompted the same way (the same boxes, columns and decoders, plain MedSAM from the MedSAM checkpoint
+the run used) but through MedSAM's own inference path (samfit/use/promptable_medsam.py: a square 1024×1024 resize,
+[0, 1] scaling, sigmoid upsampled to H×W > 0.5), not SamPredictor; the JSON's `pipeline` says which was used.
 
 Which decoder: the comparison holds SAM's original decoder fixed, so the change is the encoder's doing alone (a
 decoder-only run shows none, up to rounding); the run's decoder was trained without prompts (prompt-free, one mask
@@ -31,6 +35,10 @@ DECODERS = {  # score columns -> the decoder they were prompted through (recorde
     "iou, dice, sam_iou, sam_dice": "SAM's original mask decoder (the SAM checkpoint's, untouched by the run)",
     "tuned_iou, tuned_dice": "SAM's mask decoder with the run's trained parts written in (mask token 0, hypernetwork "
                              "MLP 0, transformer, upscaling), as `samfit export --format sam` writes it"}
+MEDSAM_DECODERS = {
+    "iou, dice, sam_iou, sam_dice": "MedSAM's original mask decoder (the MedSAM checkpoint's, untouched by the run)",
+    "tuned_iou, tuned_dice": "MedSAM's mask decoder with the run's trained parts written in (mask token 0, "
+                             "hypernetwork MLP 0, transformer, upscaling), as `samfit export --format sam` writes it"}
 SCORES = ("iou", "dice", "sam_iou", "sam_dice", "tuned_iou", "tuned_dice")
 SAM_SIZE = 1024  # SamPredictor's input size: the one the prompt encoder and decoder were trained at
 
@@ -73,16 +81,16 @@ def sam_models(record, device: torch.device):
 
     cfg = record.config
     backbone = get_backbone(cfg.model)
-    # SamPredictor is SAM's: SAM's file and SAM's normalisation (not MedSAM's [0, 1] scaling, not SAM 2)
-    if not backbone.has_weights or backbone.family != "sam" or backbone.architecture != cfg.model:
+    # SAM's and MedSAM's files hold segment_anything's prompt encoder and promptable decoder; SAM 2's do not
+    if not backbone.has_weights or backbone.family != "sam":
         raise SamfitError(f"Run {record.folder} used model '{cfg.model}', which has no SAM checkpoint with a prompt "
-                          f"encoder and promptable decoder to test. --prompts box needs a vit_b, vit_l or vit_h run; "
-                          f"drop --prompts to score the run's own decoder.")
+                          f"encoder and promptable decoder to test. --prompts box needs a vit_b, vit_l or vit_h run "
+                          f"(or medsam_vit_b); drop --prompts to score the run's own decoder.")
     if record.num_classes > 1:
         raise SamfitError(f"Run {record.folder} is multi-class; SAM's promptable decoder segments one object per "
                           f"box. --prompts box needs a binary run.")
-    plain = sam_model_registry[cfg.model]()
-    plain.load_state_dict(load_sam_state(run_checkpoint(record), cfg.model))
+    plain = sam_model_registry[backbone.architecture]()  # MedSAM is SAM ViT-B's architecture
+    plain.load_state_dict(load_sam_state(run_checkpoint(record), backbone.architecture))
     # merged when mergeable: plain SAM's cost, and the very encoder `samfit export --format sam` writes
     model = load_run(record.folder, device="cpu", image_size=SAM_SIZE, merge=True)
     tuned_decoder, trained = copy.deepcopy(plain.mask_decoder), model.state_dict()
@@ -112,10 +120,30 @@ def box_masks(predictor, image: np.ndarray | None, boxes: np.ndarray, shape=None
     return masks.any(dim=0)[0].cpu().numpy()
 
 
-def evaluate_prompts(record, spec, folder: Path, splits: list[str], device: str, limit: int | None,
-                     progress) -> tuple[dict, list[dict], dict]:
-    """(scores per split, per-image rows, images scored per split) of the box-prompted comparison."""
+def is_medsam(record) -> bool:
+    """Whether the run's model is prompted through MedSAM's inference path rather than SamPredictor."""
+    from samfit.model.backbones import MEDSAM_NORMALISATION, get_backbone
+
+    return get_backbone(record.config.model).normalisation == MEDSAM_NORMALISATION
+
+
+def predictors(record, device: torch.device) -> tuple[list, dict]:
+    """([adapted, tuned, plain] predictors, {"pipeline", "decoders"} to record) for the run's model."""
     from segment_anything import SamPredictor
+
+    from samfit.use.promptable_medsam import PIPELINE, MedSAMPredictor
+
+    models = sam_models(record, device)
+    if is_medsam(record):
+        return [MedSAMPredictor(m) for m in models], {"pipeline": PIPELINE, "decoders": MEDSAM_DECODERS}
+    return [SamPredictor(m) for m in models], {"pipeline": "SamPredictor", "decoders": DECODERS}
+
+
+def evaluate_prompts(record, spec, folder: Path, splits: list[str], device: str, limit: int | None,
+                     progress) -> tuple[dict, list[dict], dict, dict]:
+    """(scores per split, per-image rows, images scored per split, {"pipeline", "decoders"}) of the box-prompted
+    comparison."""
+    from samfit.use.promptable_medsam import MedSAMPredictor, medsam_input
 
     from samfit.config import DEVICES
     from samfit.data import split_pairs
@@ -127,7 +155,8 @@ def evaluate_prompts(record, spec, folder: Path, splits: list[str], device: str,
     if device not in DEVICES:
         raise SamfitError(f"--device {device!r}: choose one of {', '.join(DEVICES)}.")
     dev = pick_device(device)
-    adapted, tuned, plain = (SamPredictor(m) for m in sam_models(record, dev))
+    (adapted, tuned, plain), meta = predictors(record, dev)
+    medsam = isinstance(adapted, MedSAMPredictor)
     scores, rows, counts = {}, [], {}
     for split in splits:
         pairs = split_pairs(spec, folder, split)[:limit] if limit else split_pairs(spec, folder, split)
@@ -142,10 +171,19 @@ def evaluate_prompts(record, spec, folder: Path, splits: list[str], device: str,
                     raise SamfitError(f"Mask size {gt.shape[1]}x{gt.shape[0]} of {mask_path} differs from image "
                                       f"size {image.shape[1]}x{image.shape[0]} of {image_path}. Run `samfit data "
                                       f"check` on the dataset and fix the pair.")
-                iou, dice = _scores(box_masks(adapted, image, boxes), gt)
-                share_image(adapted, tuned)
-                tuned_iou, tuned_dice = _scores(box_masks(tuned, None, boxes, gt.shape), gt)
-                sam_iou, sam_dice = _scores(box_masks(plain, image, boxes), gt)
+                if medsam:
+                    prepared = medsam_input(image)
+                    adapted.set_image(image, prepared)
+                    iou, dice = _scores(adapted.box_masks(boxes), gt)
+                    adapted.share_image(tuned)
+                    tuned_iou, tuned_dice = _scores(tuned.box_masks(boxes), gt)
+                    plain.set_image(image, prepared)
+                    sam_iou, sam_dice = _scores(plain.box_masks(boxes), gt)
+                else:
+                    iou, dice = _scores(box_masks(adapted, image, boxes), gt)
+                    share_image(adapted, tuned)
+                    tuned_iou, tuned_dice = _scores(box_masks(tuned, None, boxes, gt.shape), gt)
+                    sam_iou, sam_dice = _scores(box_masks(plain, image, boxes), gt)
                 split_rows.append({"split": split, "image": str(image_path), "boxes": len(boxes), "iou": iou,
                                    "dice": dice, "sam_iou": sam_iou, "sam_dice": sam_dice, "tuned_iou": tuned_iou,
                                    "tuned_dice": tuned_dice})
@@ -157,4 +195,4 @@ def evaluate_prompts(record, spec, folder: Path, splits: list[str], device: str,
         mean.update(iou_change=mean["iou"] - mean["sam_iou"], dice_change=mean["dice"] - mean["sam_dice"])
         scores[split], counts[split] = mean, len(split_rows)
         rows += split_rows
-    return scores, rows, counts
+    return scores, rows, counts, meta
