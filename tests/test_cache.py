@@ -36,10 +36,14 @@ def _run(tmp_path, data_root, name, resume=False, **kw):
     return folder, json.loads((folder / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("dataset", ["shapes", "shapes-multiclass"])
-def test_cached_run_equals_uncached_run(tmp_path, data_root, dataset):
-    cached_dir, cached = _run(tmp_path, data_root, "cached", dataset=dataset, cache_embeddings="on", **EXACT)
-    plain_dir, plain = _run(tmp_path, data_root, "plain", dataset=dataset, cache_embeddings="off", **EXACT)
+@pytest.mark.parametrize("dataset, model", [("shapes", "tiny"), ("shapes-multiclass", "tiny"),
+                                            ("shapes", "sam2_tiny"), ("shapes-multiclass", "sam2_tiny")])
+def test_cached_run_equals_uncached_run(tmp_path, data_root, dataset, model):
+    """SAM 2 stores its embedding and both high-resolution feature maps per image, each in its own layout."""
+    cached_dir, cached = _run(tmp_path, data_root, "cached", dataset=dataset, model=model, cache_embeddings="on",
+                              **EXACT)
+    plain_dir, plain = _run(tmp_path, data_root, "plain", dataset=dataset, model=model, cache_embeddings="off",
+                            **EXACT)
     assert cached["scores"] == plain["scores"]
     assert cached["selection"] == plain["selection"]
     report = cached["embedding_cache"]
@@ -143,3 +147,24 @@ def test_cached_run_interrupted_mid_epoch_resumes_to_the_same_scores(tmp_path, d
     monkeypatch.setattr(train, "flip_choices", original)
     _, resumed = _run(tmp_path, data_root, "resumed", resume=True, cache_embeddings="on", **settings)
     assert resumed["scores"] == plain["scores"]
+
+
+def test_sam2_features_come_back_with_their_values_and_layouts():
+    """SAM 2's decoder reads three maps (s16 embedding and s8 features channels-last, s4 contiguous): each is
+    stored in its own memory order in one row per image and restored with the live tensor's strides, so the
+    decoder runs the same kernels (a restored NCHW copy of a channels-last map would round differently)."""
+    model = samfit.get_method("decoder-only").apply(samfit.build_model("sam2_tiny", image_size=64))
+    assert uncacheable_reason(model) is None
+    images = torch.randn(3, 3, 64, 64)
+    dataset = [(images[i], torch.zeros(1, 64, 64), i) for i in range(3)]
+    cache = build_cache(model, dataset, dataset[:1], batch_size=1, eval_batch_size=1, flip=False,
+                        device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    assert cache.train.shape == (3, 1, 256 * (4 * 4 + 8 * 8 + 16 * 16))  # a row: 256 channels at s16, s8, s4
+    stored, _, idx = next(cache.batches([2, 0], 2, None))
+    with torch.no_grad():  # each image alone, as the cache encoded it: the same operations, so equal bitwise
+        live = tuple(torch.cat(maps) for maps in zip(*(model.encode(images[i:i + 1]) for i in idx)))
+    restored = cache.model.restore(stored)
+    assert len(restored) == len(live) == 3
+    for a, b in zip(restored, live):
+        assert a.shape == b.shape and a.stride() == b.stride() and torch.equal(a, b)
+    assert not live[0].is_contiguous() and live[1].is_contiguous()  # the layouts differ, so the check can fail

@@ -5,7 +5,8 @@
   from the stored embeddings. Eligibility is read off the model, without naming a method: no trainable
   parameter outside the mask decoder, and an image encoder made only of SAM's and torch's own modules (no
   method layer, wrapper, hook or patched forward other than activation checkpointing, which computes the same
-  thing).
+  thing). SAM's ViT stores its s16 embedding; SAM 2's Hiera the tuple (s16 embedding, s4, s8 features) its
+  decoder reads, one row per image with each map in its own memory layout (`StoredInput`).
 * **Prefix** (engine/prefix_cache.py): when every trainable encoder part sits in blocks >= k and nothing before
   them is random, patch embedding + positions + blocks < k are computed once per image and view, and training
   runs blocks >= k, the neck and the decoder. Tried when the decoder-only cache does not apply.
@@ -40,10 +41,10 @@ from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from samfit.engine.prefix_cache import (EncoderPrefix, PrefixCachedSegmenter, StoredInput, memory_order,
-                                       module_problem, prefix_depth)
+from samfit.engine.prefix_cache import EncoderPrefix, PrefixCachedSegmenter, StoredInput, module_problem, prefix_depth
 from samfit.errors import SamfitError
 from samfit.model.sam import PATCH, PROMPT_DIM
+from samfit.model.sam2 import HieraEncoder
 
 STORE_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # None: the encoder's own dtype
 
@@ -54,8 +55,8 @@ def uncacheable_reason(model: nn.Module) -> str | None:
     if trainable:
         return f"{len(trainable)} trainable parameters outside the mask decoder (e.g. {trainable[0]})"
     encoder = model.image_encoder
-    if not isinstance(encoder, ImageEncoderViT):
-        return f"the image encoder is a {type(encoder).__name__}, not SAM's ImageEncoderViT"
+    if not isinstance(encoder, (ImageEncoderViT, HieraEncoder)):
+        return f"the image encoder is a {type(encoder).__name__}, not SAM's ImageEncoderViT or SAM 2's Hiera"
     for name, module in encoder.named_modules():
         problem = module_problem(module, f"image_encoder.{name}" if name else "image_encoder")
         if problem:
@@ -78,9 +79,10 @@ def cache_plan(model: nn.Module, image_size: int) -> tuple[CachePlan | None, str
     """(the plan, None), or (None, why neither cache applies), read off the model."""
     grid = image_size // PATCH
     reason = uncacheable_reason(model)
-    if reason is None:
+    if reason is None:  # SAM 2 also keeps the stride-4 and stride-8 features its decoder reads
+        levels = 1 + 4 + 16 if isinstance(model.image_encoder, HieraEncoder) else 1
         return CachePlan("decoder-only", model.encode, CachedEncoderSegmenter(model),
-                         PROMPT_DIM * grid * grid * 4 / 2**20), None
+                         PROMPT_DIM * levels * grid * grid * 4 / 2**20), None
     k, prefix_reason = prefix_depth(model)
     if k is None:
         return None, f"{reason}; no prefix to cache: {prefix_reason}"
@@ -105,10 +107,9 @@ class CachedEncoderSegmenter(StoredInput):
         super().__init__()
         self.model = model
 
-    def forward(self, embeddings: torch.Tensor) -> dict:
-        embeddings = self.restore(embeddings)
-        out = self.model.decode(embeddings)
-        out["aux_loss"] = self.model.collect_aux_loss(embeddings)
+    def forward(self, stored: torch.Tensor) -> dict:
+        out = self.model.decode(self.restore(stored))
+        out["aux_loss"] = self.model.collect_aux_loss(stored)
         return out
 
 
@@ -201,7 +202,8 @@ def _encode(encode, images: torch.Tensor, batch_size: int, device, autocast) -> 
     if n < batch_size:
         images = torch.cat([images, images[torch.arange(batch_size - n) % n]])
     with autocast():
-        return encode(images.to(device, non_blocking=True))[:n].cpu()
+        out = encode(images.to(device, non_blocking=True))
+    return tuple(t[:n].cpu() for t in out) if isinstance(out, tuple) else out[:n].cpu()
 
 
 def build_cache(model, train_set, val_set, batch_size: int, eval_batch_size: int, flip: bool, device, autocast,
@@ -212,10 +214,8 @@ def build_cache(model, train_set, val_set, batch_size: int, eval_batch_size: int
     plan = plan or CachePlan("decoder-only", model.encode, CachedEncoderSegmenter(model), 0.0)
     started, rounding = time.perf_counter(), Rounding()
 
-    def stored(x: torch.Tensor) -> torch.Tensor:
-        if plan.model.order is None:
-            plan.model.order = memory_order(x)
-        x = x.permute(plan.model.order).contiguous()
+    def stored(x) -> torch.Tensor:
+        x = plan.model.store(x)
         if store_dtype is None or store_dtype == x.dtype:
             return x
         kept = x.to(store_dtype)
@@ -230,7 +230,7 @@ def build_cache(model, train_set, val_set, batch_size: int, eval_batch_size: int
         views = [_encode(plan.encode, images, batch_size, device, autocast)]
         if flip:
             views.append(_encode(plan.encode, images.flip(-1), batch_size, device, autocast))
-        compute_dtype = views[0].dtype
+        compute_dtype = (views[0][0] if isinstance(views[0], tuple) else views[0]).dtype
         train.append(torch.stack([stored(v) for v in views], dim=1))
         targets.append(target)
     val, first_val = [], None
@@ -238,7 +238,7 @@ def build_cache(model, train_set, val_set, batch_size: int, eval_batch_size: int
         exact = _encode(plan.encode, images, len(images), device, autocast)
         val.append(stored(exact))
         if first_val is None:  # as stored, before rounding
-            first_val = exact.permute(plan.model.order).contiguous()
+            first_val = plan.model.store(exact)
     cache = EmbeddingCache(train=torch.cat(train), targets=_as_uint8(torch.cat(targets)), target_dtype=targets[0].dtype,
                            val=EmbeddingDataset(val_set, torch.cat(val), compute_dtype), model=plan.model,
                            build_time_s=0.0, kind=plan.kind, blocks=plan.blocks, compute_dtype=compute_dtype)

@@ -22,6 +22,7 @@ built and reported (engine/cache.py).
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -30,7 +31,7 @@ from torch import nn
 
 from samfit.model.checkpointing import is_checkpointed
 
-SAM_MODULE_PREFIXES = ("segment_anything.", "torch.nn.", "samfit.model.")
+SAM_MODULE_PREFIXES = ("segment_anything.", "sam2.modeling.", "torch.nn.", "samfit.model.")
 BLOCK_PARAMETER = re.compile(r"image_encoder\.blocks\.(\d+)\.")
 
 
@@ -43,6 +44,7 @@ def module_problem(module: nn.Module, where: str) -> str | None:
     if "forward" in module.__dict__ and not is_checkpointed(module):
         return f"{where} has a patched forward"
     dropout = isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0
+    dropout = dropout or getattr(module, "drop_prob", 0) > 0  # sam2's DropPath (stochastic depth)
     if dropout or isinstance(module, nn.modules.batchnorm._BatchNorm):
         return f"{where} is a {type(module).__name__}, random or batch-dependent in training mode"
     return None
@@ -110,11 +112,32 @@ def memory_order(x: torch.Tensor) -> list[int]:
 
 class StoredInput(nn.Module):
     """A module fed with tensors stored as x.permute(order).contiguous(): `restore` gives back x's shape and its
-    memory layout (strides), so the layers after the cache run the same kernels as on the live tensor."""
+    memory layout (strides), so the layers after the cache run the same kernels as on the live tensor. A tuple of
+    tensors (SAM 2's embedding and high-resolution features) is stored as one (N, Σ numel) row per image, each
+    part in its own memory order, and restored to the tuple with each part's layout."""
 
     order: list[int] | None = None
+    parts: list[tuple[list[int], tuple[int, ...]]] | None = None  # per part: memory order, permuted shape
 
-    def restore(self, stored: torch.Tensor) -> torch.Tensor:
+    def store(self, x) -> torch.Tensor:
+        """What the cache keeps of the live `x` (a tensor or a tuple of tensors with one batch dimension)."""
+        if isinstance(x, tuple):
+            if self.parts is None:
+                self.parts = [(memory_order(t), tuple(t.permute(memory_order(t)).shape[1:])) for t in x]
+            return torch.cat([t.permute(order).reshape(len(t), -1) for t, (order, _) in zip(x, self.parts)], dim=1)
+        if self.order is None:
+            self.order = memory_order(x)
+        return x.permute(self.order).contiguous()
+
+    def restore(self, stored: torch.Tensor):
+        if self.parts is not None:
+            out, start = [], 0
+            for order, shape in self.parts:
+                size = math.prod(shape)  # compact copy first: the part's batch stride is then its own, as live
+                part = stored[:, start:start + size].contiguous().view(len(stored), *shape)
+                out.append(part.permute([order.index(d) for d in range(part.dim())]))
+                start += size
+            return tuple(out)
         if self.order is None:
             return stored
         return stored.permute([self.order.index(d) for d in range(stored.dim())])
