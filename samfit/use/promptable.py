@@ -143,12 +143,11 @@ def evaluate_prompts(record, spec, folder: Path, splits: list[str], device: str,
                      progress) -> tuple[dict, list[dict], dict, dict]:
     """(scores per split, per-image rows, images scored per split, {"pipeline", "decoders"}) of the box-prompted
     comparison."""
-    from samfit.use.promptable_medsam import MedSAMPredictor, medsam_input
-
     from samfit.config import DEVICES
     from samfit.data import split_pairs
     from samfit.data.folder import read_image, read_mask
     from samfit.engine.step import pick_device
+    from samfit.use.promptable_medsam import MedSAMPredictor, medsam_input
 
     if spec.task != "binary":
         raise SamfitError(f"Dataset '{spec.name}' is {spec.task}; --prompts box scores binary masks.")
