@@ -114,7 +114,7 @@ def evaluate_run(run_dir, dataset: str, splits: list[str] | None = None, name: s
         "image_size": 1024 if prompts else cfg.image_size, "device": str(dev),
         "precision": "fp32" if prompts else resolve_precision(precision, dev),
         "merged": _mergeable(record.config) if prompts else model.merged,  # folded into SAM's weights first
-        **meta,  # --prompts: the pipeline (SamPredictor or MedSAM_Inference) and each column's decoder
+        **meta,  # --prompts: the pipeline (SamPredictor, MedSAM_Inference, SAM2ImagePredictor), each column's decoder
         "per_image": out.with_name(f"{name}_images.csv").name})
     return out
 
@@ -135,7 +135,7 @@ def headline_line(path: Path) -> str:
     line = f"{head['metric']} on {head['split']} = {value:.4f}" if isinstance(value, float) else str(head)
     if result.get("prompts"):  # say which decoder each number went through
         scores = result["scores"][head["split"]]
-        sam = "MedSAM" if result.get("pipeline") == "MedSAM_Inference" else "SAM"
+        sam = {"MedSAM_Inference": "MedSAM", "SAM2ImagePredictor": "SAM 2"}.get(result.get("pipeline"), "SAM")
         line += (f" (adapted encoder, {sam}'s original decoder); plain {sam} {scores['sam_iou']:.4f} "
                  f"(change {scores['iou_change']:+.4f}); adapted encoder with the run's trained decoder parts "
                  f"(the exported checkpoint) {scores['tuned_iou']:.4f}")

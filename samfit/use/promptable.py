@@ -8,11 +8,14 @@ component of the ground truth (cv2.connectedComponentsWithStats, 8-connectivity;
 inclusive pixel extent, XYXY), one mask per box (multimask_output=False), the image's prediction the union of its
 masks. Scores per split: per-image IoU and Dice averaged over the images with foreground, for the adapted
 encoder (`iou`, `dice`), for SAM's (`sam_iou`, `sam_dice`) and their differences (`iou_change`, `dice_change`: the
-gain, or forgetting when negative, that fine-tuning caused). Binary runs of vit_b/l/h and medsam_vit_b only.
+gain, or forgetting when negative, that fine-tuning caused). Binary runs of vit_b/l/h, medsam_vit_b and
+sam2_hiera_t/s/b+/l only.
 
 MedSAM runs are prompted the same way (the same boxes, columns and decoders, plain MedSAM from the MedSAM checkpoint
 the run used) but through MedSAM's own inference path (samfit/use/promptable_medsam.py: a square 1024×1024 resize,
 [0, 1] scaling, sigmoid upsampled to H×W > 0.5), not SamPredictor; the JSON's `pipeline` says which was used.
+SAM 2 runs (mergeable methods) go through SAM2ImagePredictor on SAM 2's own models, the same boxes and columns
+(samfit/use/promptable_sam2.py).
 
 Which decoder: the comparison holds SAM's original decoder fixed, so the change is the encoder's doing alone (a
 decoder-only run shows none, up to rounding); the run's decoder was trained without prompts (prompt-free, one mask
@@ -85,7 +88,7 @@ def sam_models(record, device: torch.device):
     if not backbone.has_weights or backbone.family != "sam":
         raise SamfitError(f"Run {record.folder} used model '{cfg.model}', which has no SAM checkpoint with a prompt "
                           f"encoder and promptable decoder to test. --prompts box needs a vit_b, vit_l or vit_h run "
-                          f"(or medsam_vit_b); drop --prompts to score the run's own decoder.")
+                          f"(or medsam_vit_b, sam2_hiera_t/s/b+/l); drop --prompts to score the run's own decoder.")
     if record.num_classes > 1:
         raise SamfitError(f"Run {record.folder} is multi-class; SAM's promptable decoder segments one object per "
                           f"box. --prompts box needs a binary run.")
@@ -132,7 +135,10 @@ def predictors(record, device: torch.device) -> tuple[list, dict]:
     from segment_anything import SamPredictor
 
     from samfit.use.promptable_medsam import PIPELINE, MedSAMPredictor
+    from samfit.use.promptable_sam2 import is_sam2, sam2_predictors
 
+    if is_sam2(record):  # SAM2ImagePredictor on SAM 2's own models (samfit/use/promptable_sam2.py)
+        return sam2_predictors(record, device)
     models = sam_models(record, device)
     if is_medsam(record):
         return [MedSAMPredictor(m) for m in models], {"pipeline": PIPELINE, "decoders": MEDSAM_DECODERS}
@@ -148,6 +154,7 @@ def evaluate_prompts(record, spec, folder: Path, splits: list[str], device: str,
     from samfit.data.folder import read_image, read_mask
     from samfit.engine.step import pick_device
     from samfit.use.promptable_medsam import MedSAMPredictor, medsam_input
+    from samfit.use.promptable_sam2 import SAM2BoxPredictor
 
     if spec.task != "binary":
         raise SamfitError(f"Dataset '{spec.name}' is {spec.task}; --prompts box scores binary masks.")
@@ -155,7 +162,7 @@ def evaluate_prompts(record, spec, folder: Path, splits: list[str], device: str,
         raise SamfitError(f"--device {device!r}: choose one of {', '.join(DEVICES)}.")
     dev = pick_device(device)
     (adapted, tuned, plain), meta = predictors(record, dev)
-    medsam = isinstance(adapted, MedSAMPredictor)
+    medsam, sam2 = isinstance(adapted, MedSAMPredictor), isinstance(adapted, SAM2BoxPredictor)
     scores, rows, counts = {}, [], {}
     for split in splits:
         pairs = split_pairs(spec, folder, split)[:limit] if limit else split_pairs(spec, folder, split)
@@ -178,6 +185,9 @@ def evaluate_prompts(record, spec, folder: Path, splits: list[str], device: str,
                     tuned_iou, tuned_dice = _scores(tuned.box_masks(boxes), gt)
                     plain.set_image(image, prepared)
                     sam_iou, sam_dice = _scores(plain.box_masks(boxes), gt)
+                elif sam2:  # tuned reuses adapted's encoder output (SharedEncoder)
+                    (iou, dice), (tuned_iou, tuned_dice), (sam_iou, sam_dice) = (
+                        _scores(p.box_masks(image, boxes), gt) for p in (adapted, tuned, plain))
                 else:
                     iou, dice = _scores(box_masks(adapted, image, boxes), gt)
                     share_image(adapted, tuned)
