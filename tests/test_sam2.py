@@ -208,8 +208,8 @@ def test_a_sam2_file_given_to_sam_says_so(tiny_pair):
 @pytest.mark.slow  # a whole (tiny) run: ~10 s
 def test_a_sam2_run_and_its_reload(tmp_path, data_root):
     """samfit run on sam2_tiny end to end (the engine names no backbone): counts, no SAM file, no embedding cache
-    (LoRA trains the encoder, and Hiera has no prefix cache), per-image scores written, and load_run rebuilds a
-    SAM 2 segmenter."""
+    (LoRA trains the encoder from block 0 on, so there is no prefix to cache), per-image scores written, and
+    load_run rebuilds a SAM 2 segmenter."""
     import csv
     import json
 

@@ -9,7 +9,8 @@
   decoder reads, one row per image with each map in its own memory layout (`StoredInput`).
 * **Prefix** (engine/prefix_cache.py): when every trainable encoder part sits in blocks >= k and nothing before
   them is random, patch embedding + positions + blocks < k are computed once per image and view, and training
-  runs blocks >= k, the neck and the decoder. Tried when the decoder-only cache does not apply.
+  runs blocks >= k, the neck and the decoder. SAM 2's Hiera also stores the outputs of the stage ends before
+  block k that its FPN neck reads. Tried when the decoder-only cache does not apply.
 The validation split used for model selection is stored the same way.
 
 Exactness: the engine draws each image's flip from the seeded (seed, epoch, batch) generator
@@ -41,7 +42,8 @@ from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from samfit.engine.prefix_cache import EncoderPrefix, PrefixCachedSegmenter, StoredInput, module_problem, prefix_depth
+from samfit.engine.prefix_cache import (EncoderPrefix, PrefixCachedSegmenter, StoredInput, module_problem,
+                                         prefix_depth, prefix_item_mb)
 from samfit.errors import SamfitError
 from samfit.model.sam import PATCH, PROMPT_DIM
 from samfit.model.sam2 import HieraEncoder
@@ -86,9 +88,8 @@ def cache_plan(model: nn.Module, image_size: int) -> tuple[CachePlan | None, str
     k, prefix_reason = prefix_depth(model)
     if k is None:
         return None, f"{reason}; no prefix to cache: {prefix_reason}"
-    width = model.image_encoder.patch_embed.proj.out_channels
     return CachePlan("prefix", EncoderPrefix(model.image_encoder, k), PrefixCachedSegmenter(model, k),
-                     width * grid * grid * 4 / 2**20, blocks=k), None
+                     prefix_item_mb(model.image_encoder, k, image_size), blocks=k), None
 
 
 def cache_size_mb(n_train: int, n_val: int, image_size: int, flip: bool, item_mb: float | None = None) -> float:

@@ -19,6 +19,12 @@ The stored tensor per image and view is h_k (in its own memory layout: a contigu
 would change the rounding of the layers after it), (S/16, S/16, d) (d = 768 on ViT-B: 0.75 MB at 256 px in fp32).
 Storing it in bf16/fp16 (`--cache-dtype`) halves that and rounds it; the rounding is measured when the cache is
 built and reported (engine/cache.py).
+
+SAM 2's Hiera (HieraEncoder) is multi-scale: its FPN neck reads the output of every stage end, so the stored
+prefix is the tuple (h_k, outputs of the stage ends e < k-1): those the neck will read that h_k is not itself
+(when block k-1 ends a stage, its output is h_k, stored once). Training runs blocks >= k, collects the stage
+outputs still to come, then the neck and the decoder, as HieraEncoder.forward does. Each part keeps its own
+memory layout (StoredInput's tuple form).
 """
 from __future__ import annotations
 
@@ -30,9 +36,12 @@ from segment_anything.modeling.image_encoder import ImageEncoderViT
 from torch import nn
 
 from samfit.model.checkpointing import is_checkpointed
+from samfit.model.sam import PATCH
+from samfit.model.sam2 import HieraEncoder
 
 SAM_MODULE_PREFIXES = ("segment_anything.", "sam2.modeling.", "torch.nn.", "samfit.model.")
 BLOCK_PARAMETER = re.compile(r"image_encoder\.blocks\.(\d+)\.")
+AFTER_BLOCKS = ("mask_decoder.", "image_encoder.neck.", "image_encoder.no_mem_embed")  # no_mem_embed: SAM 2's
 
 
 def module_problem(module: nn.Module, where: str) -> str | None:
@@ -54,7 +63,7 @@ def first_trainable_block(model: nn.Module) -> tuple[int | None, str | None]:
     """(k, None) with k the first encoder block holding a trainable parameter, or (None, why there is none)."""
     blocks = set()
     for name, p in model.named_parameters():
-        if not p.requires_grad or name.startswith(("mask_decoder.", "image_encoder.neck.")):
+        if not p.requires_grad or name.startswith(AFTER_BLOCKS):
             continue
         match = BLOCK_PARAMETER.match(name)
         if match is None:
@@ -68,8 +77,8 @@ def first_trainable_block(model: nn.Module) -> tuple[int | None, str | None]:
 def prefix_depth(model: nn.Module) -> tuple[int | None, str | None]:
     """(k, None) when patch embedding + blocks < k can be cached (k >= 1), else (None, why not)."""
     encoder = model.image_encoder
-    if type(encoder) is not ImageEncoderViT:
-        return None, f"the image encoder is a {type(encoder).__name__}, not SAM's ImageEncoderViT"
+    if type(encoder) not in (ImageEncoderViT, HieraEncoder):
+        return None, f"the image encoder is a {type(encoder).__name__}, not SAM's ImageEncoderViT or SAM 2's Hiera"
     problem = module_problem(encoder, "image_encoder")
     if problem:
         return None, problem
@@ -88,20 +97,40 @@ def prefix_depth(model: nn.Module) -> tuple[int | None, str | None]:
 
 
 class EncoderPrefix(nn.Module):
-    """h_k = blocks[:k](patch_embed(x) + pos_embed), as ImageEncoderViT.forward computes it on the way."""
+    """What the encoder's forward computes on the way to block k: ViT h_k = blocks[:k](patch_embed(x) + pos_embed);
+    Hiera the tuple (h_k, outputs of the stage ends before block k-1), its position embedding added as its own."""
 
-    def __init__(self, encoder: ImageEncoderViT, k: int):
+    def __init__(self, encoder: nn.Module, k: int):
         super().__init__()
         self.encoder, self.k = encoder, k
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor):
         e = self.encoder
         x = e.patch_embed(images)
-        if e.pos_embed is not None:
+        hiera = isinstance(e, HieraEncoder)
+        if hiera:
+            x = x + e.position_embedding(*x.shape[1:3])
+        elif e.pos_embed is not None:
             x = x + e.pos_embed
-        for block in e.blocks[:self.k]:
+        stages = []
+        for i, block in enumerate(e.blocks[:self.k]):
             x = block(x)
-        return x
+            if hiera and i in e.stage_ends and i < self.k - 1:
+                stages.append(x)
+        return (x, *stages) if hiera else x
+
+
+def prefix_item_mb(encoder: nn.Module, k: int, image_size: int) -> float:
+    """fp32 MB of one image's stored prefix, from the blocks' widths and strides (no forward run)."""
+    if not isinstance(encoder, HieraEncoder):
+        return encoder.patch_embed.proj.out_channels * (image_size // PATCH) ** 2 * 4 / 2**20
+    grid, kept = image_size // encoder.patch_embed.proj.stride[0], 0
+    for i, block in enumerate(encoder.blocks[:k]):
+        if block.q_stride:
+            grid //= block.q_stride[0]
+        if i == k - 1 or i in encoder.stage_ends:
+            kept += block.dim_out * grid * grid
+    return kept * 4 / 2**20
 
 
 def memory_order(x: torch.Tensor) -> list[int]:
@@ -144,17 +173,30 @@ class StoredInput(nn.Module):
 
 
 class PrefixCachedSegmenter(StoredInput):
-    """The Segmenter fed with stored prefixes h_k: blocks >= k, the neck, the decoder and the auxiliary losses."""
+    """The Segmenter fed with stored prefixes: blocks >= k, the neck (Hiera: with the stored stage outputs), the
+    decoder and the auxiliary losses."""
 
     def __init__(self, model: nn.Module, k: int):
         super().__init__()
         self.model, self.k = model, k
 
-    def encode_rest(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_rest(self, x):
         e = self.model.image_encoder
-        for block in e.blocks[self.k:]:
-            x = block(x)
-        return e.neck(x.permute(0, 3, 1, 2))
+        if not isinstance(e, HieraEncoder):
+            for block in e.blocks[self.k:]:
+                x = block(x)
+            return e.neck(x.permute(0, 3, 1, 2))
+        x, *stages = x  # the stage outputs before block k-1, then those from block k-1 on
+        stages = [t.permute(0, 3, 1, 2) for t in stages]
+        if self.k - 1 in e.stage_ends:
+            stages.append(x.permute(0, 3, 1, 2))
+        for i in range(self.k, len(e.blocks)):
+            x = e.blocks[i](x)
+            if i in e.stage_ends:
+                stages.append(x.permute(0, 3, 1, 2))
+        features, _ = e.neck(stages)  # the rest of HieraEncoder.forward
+        s4, s8, s16 = features[:-1]
+        return s16 + e.no_mem_embed.reshape(1, -1, 1, 1), s4, s8
 
     def forward(self, prefixes: torch.Tensor) -> dict:
         out = self.model.decode(self.encode_rest(self.restore(prefixes)))
