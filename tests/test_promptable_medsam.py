@@ -148,18 +148,18 @@ def write_folder_dataset(root, size=(72, 136)):
     return root
 
 
-def test_sam2_runs_stay_refused(tmp_path, cli):
+def test_sam2_tiny_stays_refused(tmp_path, cli):
     data = write_folder_dataset(tmp_path / "data")
     run = tmp_path / "sam2_run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump(make_config(method="lora", dataset="shapes",
-                                                                model="sam2_hiera_t", image_size=64).to_dict()))
+                                                                model="sam2_tiny", image_size=64).to_dict()))
     (run / "status.json").write_text(json.dumps({"status": "done"}))
     (run / "metrics.json").write_text("{}")
     torch.save({}, run / "checkpoints" / "best.pt")
     code, _, message = cli("evaluate", run, "--dataset", data, "--prompts", "box")
-    assert code == 2 and "model 'sam2_hiera_t'" in message
-    assert "--prompts box needs a vit_b, vit_l or vit_h run (or medsam_vit_b)" in message
+    assert code == 2 and "model 'sam2_tiny'" in message
+    assert "--prompts box needs a vit_b, vit_l or vit_h run (or medsam_vit_b, sam2_hiera_t/s/b+/l)" in message
 
 
 def iou_bounds(probabilities: torch.Tensor, gt: np.ndarray) -> tuple[float, float]:
