@@ -72,7 +72,8 @@ def evaluate(
     data_root: Optional[str] = typer.Option(None, help="Data root (default: $SAMFIT_DATA)."),
     prompts: Optional[str] = typer.Option(None, "--prompts", help="box: SAM's own promptable decoder, one box per "
                                           "ground-truth object, on the adapted and on plain SAM's encoder (vit_*; "
-                                          "medsam_vit_b through MedSAM's own inference path)."),
+                                          "medsam_vit_b through MedSAM's own inference path; sam2_hiera_* "
+                                          "through SAM2ImagePredictor)."),
 ):
     """Score a finished run on another dataset or test folder: RUN/eval/<name>.json (metrics.json untouched)."""
     from samfit.use.evaluate import evaluate_run, headline_line
