@@ -11,6 +11,7 @@ from samfit.config import make_config
 from samfit.engine.cache import cache_plan
 from samfit.engine.prefix_cache import prefix_depth
 from samfit.engine.train import run
+from samfit.model.checkpointing import set_grad_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 EXACT = dict(batch_size=1, effective_batch=2)  # one image per batch: bitwise on any CPU (tests/test_cache.py)
@@ -91,6 +92,7 @@ def test_late_lora_on_sam2_with_the_prefix_cache_equals_the_uncached_run(tmp_pat
 
 def test_eligibility_on_hiera_is_read_off_the_model():
     assert prefix_depth(_tiny(blocks="last:1")) == (4, None)
+    assert prefix_depth(set_grad_checkpoint(_tiny(blocks="last:1"), True)) == (4, None)  # the same function
     assert prefix_depth(_tiny("full", blocks="2,3,4")) == (2, None)
     model = _tiny(blocks="last:1")
     model.image_encoder.no_mem_embed.requires_grad_(True)  # added after the neck: the prefix stays
