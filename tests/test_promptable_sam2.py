@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
-import yaml
 from test_promptable_medsam import write_folder_dataset
 from test_sam2 import official_sam2
+from test_use_export import finished_run_folder
 
 from samfit.config import make_config
 from samfit.errors import SamfitError
@@ -138,13 +138,7 @@ def test_sam2_refusals(tmp_path, cli):
     from samfit.use.promptable_sam2 import sam2_models
 
     data = write_folder_dataset(tmp_path / "data", size=(32, 48))
-    tiny = tmp_path / "tiny_run"
-    (tiny / "checkpoints").mkdir(parents=True)
-    (tiny / "config.yaml").write_text(yaml.safe_dump(make_config(method="lora", dataset="shapes", model="sam2_tiny",
-                                                                 image_size=64).to_dict()))
-    (tiny / "status.json").write_text(json.dumps({"status": "done"}))
-    (tiny / "metrics.json").write_text("{}")
-    torch.save({}, tiny / "checkpoints" / "best.pt")
+    tiny = finished_run_folder(tmp_path / "tiny_run", "sam2_tiny")
     code, _, message = cli("evaluate", tiny, "--dataset", data, "--prompts", "box")
     assert code == 2 and "model 'sam2_tiny', which has no SAM checkpoint" in message
     assert "sam2_hiera_t/s/b+/l" in message and "drop --prompts" in message

@@ -200,12 +200,18 @@ def test_box_prompts_on_both_decoders_and_the_exported_encoder_at_1024_px(vit_b_
             union |= masks[0]
         assert test[key] == pytest.approx((union & gt).sum() / (union | gt).sum(), abs=1e-6), key
     assert test["tuned_iou"] != test["iou"]  # the two decoders differ, so the comparison can tell them apart
-    tiny = tmp_path / "tiny_run"  # a run without SAM weights: refused before anything is built
-    (tiny / "checkpoints").mkdir(parents=True)
-    (tiny / "config.yaml").write_text(yaml.safe_dump(make_config(method="lora", dataset="shapes", model="tiny",
-                                                                 image_size=64).to_dict()))
-    (tiny / "status.json").write_text(json.dumps({"status": "done"}))
-    (tiny / "metrics.json").write_text("{}")
-    torch.save({}, tiny / "checkpoints" / "best.pt")
+    tiny = finished_run_folder(tmp_path / "tiny_run", "tiny")  # no SAM weights: refused before anything is built
     code, _, message = cli("evaluate", tiny, "--dataset", data, "--prompts", "box")
     assert code == 2 and "--prompts box needs a vit_b, vit_l or vit_h run" in message
+
+
+def finished_run_folder(folder, model: str):
+    """A run folder that reads as finished (config, status, empty metrics and checkpoint) for `model`: enough for
+    the refusals that look only at the run's settings."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump(make_config(method="lora", dataset="shapes", model=model,
+                                                                   image_size=64).to_dict()))
+    (folder / "status.json").write_text(json.dumps({"status": "done"}))
+    (folder / "metrics.json").write_text("{}")
+    torch.save({}, folder / "checkpoints" / "best.pt")
+    return folder
