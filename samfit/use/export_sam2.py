@@ -37,13 +37,13 @@ def _new_value(name: str | None, source: torch.Tensor, trained: dict) -> torch.T
     return trained[name]
 
 
-def sam2_state(record, path: Path) -> dict:
+def sam2_state(record, path: Path, source: dict | None = None) -> dict:
     """The official SAM 2.1 state dict (SAM2Base's keys and shapes, those of the file at `path`) of a binary run
     of a mergeable method, its trained values written back."""
     from samfit.model.sam2_load import read_sam2_state, to_official_key, to_samfit_key
     from samfit.use.load import load_run
 
-    source = read_sam2_state(path, record.config.model)
+    source = read_sam2_state(path, record.config.model) if source is None else source  # given: already read
     trained = load_run(record.folder, device="cpu", merge=True).state_dict()
     names = {key: to_samfit_key(key) for key in source}
     placed = set(names.values())

@@ -100,7 +100,7 @@ def sam2_models(record, device: torch.device):
                           f"--prompts to score the run's own decoder.")
     path = run_checkpoint(record)
     source = read_sam2_state(path, cfg.model)
-    tuned_state = sam2_state(record, path)  # the export: merged encoder, trained decoder parts written in
+    tuned_state = sam2_state(record, path, source)  # the export: merged encoder, trained decoder parts written in
     adapted_state = {k: tuned_state[k] if is_encoder_key(k) else v for k, v in source.items()}
     saved = rng_state()  # building initialises weights at random: the caller's streams are given back
     try:
